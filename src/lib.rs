@@ -1,0 +1,2 @@
+//! shardwarden: a daemon that holds a Discord bot's gateway sessions.
+pub mod simulator;
