@@ -1,0 +1,387 @@
+//! The event log: every forwarded dispatch gets a daemon-wide cursor and is
+//! kept, as the NDJSON line a bot will read, in a replay ring bounded by bytes.
+//!
+//! Shards append (a short critical section: number, format, push); bot
+//! connections read batches of lines after a cursor. Lines are built once
+//! per event and shared by reference count with every bot, so fan-out to
+//! several bots costs no per-bot formatting. Cursors in the ring are
+//! contiguous, so finding a bot's position is arithmetic, not a search.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// Cursors are reserved this many at a time in the state file, so a daemon
+/// that crashes (no clean shutdown) never hands out a cursor twice.
+pub const CURSOR_LEASE: u64 = 1_000_000;
+
+/// One held dispatch.
+#[derive(Clone)]
+pub struct Entry {
+    /// Daemon-wide cursor.
+    pub cursor: u64,
+    /// Shard that received it.
+    pub shard: u32,
+    /// Discord's sequence number within the shard's session.
+    pub seq: u64,
+    /// Which session of that shard it belongs to (a per-shard generation
+    /// counter, bumped on every READY), for working out what a resume must
+    /// redeliver.
+    pub session_gen: u32,
+    /// Index of `t` in the configured event list (a bot's filter is a bit set
+    /// over these indices).
+    pub event: u8,
+    /// The complete `dispatch` line, `\n` included.
+    pub line: Bytes,
+}
+
+/// What a bot's read found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// The cursor the bot is now positioned after (every cursor up to it was
+    /// either returned, filtered out or reported as a gap).
+    pub after: u64,
+    /// Cursors that fell out of the ring before the bot read them:
+    /// `(from, to)` inclusive.
+    pub gap: Option<(u64, u64)>,
+}
+
+struct Ring {
+    /// The cursor the next event gets.
+    next_cursor: u64,
+    /// Cursors below this are reserved in the state file.
+    leased_until: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    capacity: usize,
+    /// Events evicted from the ring so far (for metrics).
+    evicted: u64,
+}
+
+/// The daemon-wide cursor-numbered replay ring.
+pub struct EventLog {
+    ring: Mutex<Ring>,
+    /// The newest cursor, watched by bot connections.
+    head: watch::Sender<u64>,
+    /// The cursor lease the state file must hold (watched by the persister).
+    lease: watch::Sender<u64>,
+}
+
+impl EventLog {
+    /// A log whose first cursor is `first_cursor` (≥ 1) and whose ring holds
+    /// at most `capacity` bytes of lines.
+    pub fn new(first_cursor: u64, capacity: usize) -> Self {
+        let first_cursor = first_cursor.max(1);
+        let (head, _) = watch::channel(first_cursor - 1);
+        let (lease, _) = watch::channel(first_cursor + CURSOR_LEASE);
+        EventLog {
+            ring: Mutex::new(Ring {
+                next_cursor: first_cursor,
+                leased_until: first_cursor + CURSOR_LEASE,
+                entries: VecDeque::new(),
+                bytes: 0,
+                capacity,
+                evicted: 0,
+            }),
+            head,
+            lease,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // A panic while holding the lock leaves the ring consistent (every
+        // mutation is a push or pop), so a poisoned lock is still usable.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append one dispatch; returns its cursor. `d` is the raw JSON Discord
+    /// sent and is copied into the line verbatim.
+    pub fn append(
+        &self,
+        shard: u32,
+        seq: u64,
+        session_gen: u32,
+        event: u8,
+        t: &str,
+        d: &[u8],
+    ) -> u64 {
+        let mut line = Vec::with_capacity(d.len() + t.len() + 80);
+        let mut ring = self.lock();
+        let cursor = ring.next_cursor;
+        write_dispatch_line(&mut line, cursor, shard, seq, t, d);
+        ring.next_cursor += 1;
+        let line = Bytes::from(line);
+        ring.bytes += line.len();
+        ring.entries.push_back(Entry {
+            cursor,
+            shard,
+            seq,
+            session_gen,
+            event,
+            line,
+        });
+        while ring.bytes > ring.capacity && ring.entries.len() > 1 {
+            if let Some(old) = ring.entries.pop_front() {
+                ring.bytes -= old.line.len();
+                ring.evicted += 1;
+            }
+        }
+        // Ask for a new lease well before the old one runs out.
+        if ring.next_cursor + CURSOR_LEASE / 2 >= ring.leased_until {
+            ring.leased_until = ring.next_cursor + CURSOR_LEASE;
+            self.lease.send_replace(ring.leased_until);
+        }
+        drop(ring);
+        self.head.send_replace(cursor);
+        cursor
+    }
+
+    /// The newest cursor handed out (0 when none yet).
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// A receiver that changes whenever a new event is appended.
+    pub fn subscribe_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// A receiver of the cursor lease the state file must record.
+    pub fn subscribe_lease(&self) -> watch::Receiver<u64> {
+        self.lease.subscribe()
+    }
+
+    /// The cursor the next event will get.
+    pub fn next_cursor(&self) -> u64 {
+        self.lock().next_cursor
+    }
+
+    /// The oldest cursor still held, or `head + 1` when the ring is empty.
+    pub fn oldest(&self) -> u64 {
+        let ring = self.lock();
+        ring.entries
+            .front()
+            .map_or(ring.next_cursor, |entry| entry.cursor)
+    }
+
+    /// Bytes and events held, and events evicted so far.
+    pub fn usage(&self) -> (usize, usize, u64) {
+        let ring = self.lock();
+        (ring.bytes, ring.entries.len(), ring.evicted)
+    }
+
+    /// Copy (by reference count) the lines of events after cursor `after`
+    /// that pass `filter` (bit `event` set), up to about `max_bytes`, into
+    /// `out`.
+    pub fn read_after(
+        &self,
+        after: u64,
+        filter: u128,
+        max_bytes: usize,
+        out: &mut Vec<Bytes>,
+    ) -> ReadOutcome {
+        let ring = self.lock();
+        let oldest = ring
+            .entries
+            .front()
+            .map_or(ring.next_cursor, |entry| entry.cursor);
+        let mut outcome = ReadOutcome { after, gap: None };
+        if after + 1 < oldest {
+            outcome.gap = Some((after + 1, oldest - 1));
+            outcome.after = oldest - 1;
+        }
+        let start = (outcome.after + 1 - oldest) as usize;
+        let mut taken = 0usize;
+        for entry in ring.entries.range(start.min(ring.entries.len())..) {
+            if taken >= max_bytes {
+                break;
+            }
+            if filter & (1u128 << entry.event) != 0 {
+                taken += entry.line.len();
+                out.push(entry.line.clone());
+            }
+            outcome.after = entry.cursor;
+        }
+        outcome
+    }
+
+    /// For every shard, the lowest sequence number of its current session
+    /// (`gens[shard]`) that a bot has not acknowledged (cursor > `acked`).
+    /// A resume from `that - 1` redelivers exactly the unacknowledged events.
+    pub fn lowest_unacked_seq(&self, acked: u64, gens: &[(u32, u32)]) -> Vec<(u32, u64)> {
+        let ring = self.lock();
+        let mut lowest: Vec<(u32, u64)> = Vec::new();
+        let oldest = ring
+            .entries
+            .front()
+            .map_or(ring.next_cursor, |entry| entry.cursor);
+        let start = acked.saturating_add(1).saturating_sub(oldest) as usize;
+        for entry in ring.entries.range(start.min(ring.entries.len())..) {
+            let current = gens
+                .iter()
+                .any(|&(shard, generation)| shard == entry.shard && generation == entry.session_gen);
+            if !current {
+                continue;
+            }
+            match lowest.iter_mut().find(|(shard, _)| *shard == entry.shard) {
+                Some((_, seq)) => *seq = (*seq).min(entry.seq),
+                None => lowest.push((entry.shard, entry.seq)),
+            }
+        }
+        lowest
+    }
+}
+
+/// `{"op":"dispatch","cursor":C,"shard":S,"seq":Q,"t":"T","d":D}\n`.
+/// `t` comes from the configured event list (validated upper-case names), so
+/// it needs no escaping.
+fn write_dispatch_line(out: &mut Vec<u8>, cursor: u64, shard: u32, seq: u64, t: &str, d: &[u8]) {
+    let mut num = itoa_buf();
+    out.extend_from_slice(b"{\"op\":\"dispatch\",\"cursor\":");
+    out.extend_from_slice(num.format(cursor));
+    out.extend_from_slice(b",\"shard\":");
+    out.extend_from_slice(num.format(shard as u64));
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(num.format(seq));
+    out.extend_from_slice(b",\"t\":\"");
+    out.extend_from_slice(t.as_bytes());
+    out.extend_from_slice(b"\",\"d\":");
+    out.extend_from_slice(d);
+    out.extend_from_slice(b"}\n");
+}
+
+/// A small stack buffer for formatting integers without allocating.
+struct NumBuf([u8; 20]);
+
+fn itoa_buf() -> NumBuf {
+    NumBuf([0; 20])
+}
+
+impl NumBuf {
+    fn format(&mut self, mut n: u64) -> &[u8] {
+        let mut i = self.0.len();
+        loop {
+            i -= 1;
+            self.0[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        &self.0[i..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(out: &[Bytes]) -> Vec<serde_json::Value> {
+        out.iter()
+            .map(|l| serde_json::from_slice(l).expect("valid json line"))
+            .collect()
+    }
+
+    #[test]
+    fn dispatch_line_is_valid_json_with_raw_d() {
+        let log = EventLog::new(1, 1 << 20);
+        let d = br#"{"content":"hi \"there\"","id":"1"}"#;
+        let cursor = log.append(3, 678, 1, 0, "MESSAGE_CREATE", d);
+        assert_eq!(cursor, 1);
+        let mut out = Vec::new();
+        log.read_after(0, u128::MAX, usize::MAX, &mut out);
+        let v = &lines(&out)[0];
+        assert_eq!(v["op"], "dispatch");
+        assert_eq!(v["cursor"], 1);
+        assert_eq!(v["shard"], 3);
+        assert_eq!(v["seq"], 678);
+        assert_eq!(v["t"], "MESSAGE_CREATE");
+        assert_eq!(v["d"]["content"], "hi \"there\"");
+        assert!(out[0].ends_with(b"}\n"));
+        assert!(out[0].windows(d.len()).any(|w| w == d), "d is copied verbatim");
+    }
+
+    #[test]
+    fn cursors_are_strictly_increasing_and_continue_from_start() {
+        let log = EventLog::new(500, 1 << 20);
+        let a = log.append(0, 1, 1, 0, "READY", b"{}");
+        let b = log.append(1, 1, 1, 0, "READY", b"{}");
+        assert_eq!((a, b), (500, 501));
+        assert_eq!(log.head(), 501);
+        assert_eq!(log.oldest(), 500);
+    }
+
+    #[test]
+    fn ring_evicts_by_bytes_and_reports_exact_gap() {
+        let log = EventLog::new(1, 1000);
+        for seq in 1..=100 {
+            log.append(0, seq, 1, 0, "MESSAGE_CREATE", b"{\"x\":1}");
+        }
+        let (bytes, held, evicted) = log.usage();
+        assert!(bytes <= 1000);
+        assert_eq!(held as u64 + evicted, 100);
+        let oldest = log.oldest();
+        assert!(oldest > 1);
+        let mut out = Vec::new();
+        let outcome = log.read_after(5, u128::MAX, usize::MAX, &mut out);
+        assert_eq!(outcome.gap, Some((6, oldest - 1)));
+        assert_eq!(outcome.after, 100);
+        let got = lines(&out);
+        assert_eq!(got.len(), held);
+        assert_eq!(got[0]["cursor"], oldest);
+    }
+
+    #[test]
+    fn filter_skips_events_but_advances_position() {
+        let log = EventLog::new(1, 1 << 20);
+        log.append(0, 1, 1, 0, "GUILD_CREATE", b"{}");
+        log.append(0, 2, 1, 1, "MESSAGE_CREATE", b"{}");
+        log.append(0, 3, 1, 0, "GUILD_CREATE", b"{}");
+        let mut out = Vec::new();
+        let outcome = log.read_after(0, 1 << 1, usize::MAX, &mut out);
+        assert_eq!(outcome.after, 3);
+        let got = lines(&out);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["t"], "MESSAGE_CREATE");
+    }
+
+    #[test]
+    fn read_respects_batch_size() {
+        let log = EventLog::new(1, 1 << 20);
+        for seq in 1..=10 {
+            log.append(0, seq, 1, 0, "MESSAGE_CREATE", b"{}");
+        }
+        let mut out = Vec::new();
+        let first = log.read_after(0, u128::MAX, 1, &mut out);
+        assert_eq!((first.after, out.len()), (1, 1));
+        let second = log.read_after(first.after, u128::MAX, usize::MAX, &mut out);
+        assert_eq!((second.after, out.len()), (10, 10));
+    }
+
+    #[test]
+    fn lowest_unacked_seq_per_shard_ignores_old_sessions() {
+        let log = EventLog::new(1, 1 << 20);
+        log.append(0, 7, 1, 0, "MESSAGE_CREATE", b"{}"); // cursor 1, old session of shard 0
+        log.append(0, 1, 2, 0, "READY", b"{}"); // 2
+        log.append(1, 40, 1, 0, "MESSAGE_CREATE", b"{}"); // 3
+        log.append(0, 2, 2, 0, "MESSAGE_CREATE", b"{}"); // 4
+        log.append(1, 41, 1, 0, "MESSAGE_CREATE", b"{}"); // 5
+        let gens = [(0, 2), (1, 1)];
+        let mut got = log.lowest_unacked_seq(0, &gens);
+        got.sort();
+        assert_eq!(got, vec![(0, 1), (1, 40)]);
+        let mut got = log.lowest_unacked_seq(3, &gens);
+        got.sort();
+        assert_eq!(got, vec![(0, 2), (1, 41)]);
+        assert!(log.lowest_unacked_seq(5, &gens).is_empty());
+    }
+
+    #[test]
+    fn lease_moves_ahead_of_cursors() {
+        let log = EventLog::new(1, 100);
+        let lease = log.subscribe_lease();
+        assert!(*lease.borrow() > log.next_cursor());
+    }
+}

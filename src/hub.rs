@@ -1,0 +1,404 @@
+//! What shards, the supervisor and the bot server share: the event log, each
+//! shard's live statistics, the stream of session reports, the identify
+//! budget, bot acknowledgements and the command channels into the shards.
+//!
+//! Shards only ever write here without waiting on anyone: counters are
+//! atomics, session reports go into a broadcast channel that drops for
+//! laggards, and events go into the event log.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::event_log::EventLog;
+
+/// What a shard is doing (DESIGN.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ShardState {
+    /// Not started yet.
+    Idle = 0,
+    /// Waiting for its turn in the identify queue (or for identify budget).
+    Queued = 1,
+    /// Opening the WebSocket.
+    Connecting = 2,
+    /// Connected, waiting for HELLO.
+    AwaitingHello = 3,
+    /// IDENTIFY sent, waiting for READY.
+    Identifying = 4,
+    /// RESUME sent, waiting for RESUMED.
+    Resuming = 5,
+    /// READY or RESUMED received; events flowing.
+    Active = 6,
+    /// Connection lost; waiting out backoff before the next attempt.
+    Reconnecting = 7,
+    /// Stopped for good (fatal close code, or no identify budget).
+    Fatal = 8,
+    /// Stopped by a shutdown.
+    Stopped = 9,
+}
+
+impl ShardState {
+    /// The name used in logs and in the bot protocol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Idle => "idle",
+            ShardState::Queued => "queued",
+            ShardState::Connecting => "connecting",
+            ShardState::AwaitingHello => "awaiting_hello",
+            ShardState::Identifying => "identifying",
+            ShardState::Resuming => "resuming",
+            ShardState::Active => "active",
+            ShardState::Reconnecting => "reconnecting",
+            ShardState::Fatal => "fatal",
+            ShardState::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(v: u8) -> ShardState {
+        match v {
+            1 => ShardState::Queued,
+            2 => ShardState::Connecting,
+            3 => ShardState::AwaitingHello,
+            4 => ShardState::Identifying,
+            5 => ShardState::Resuming,
+            6 => ShardState::Active,
+            7 => ShardState::Reconnecting,
+            8 => ShardState::Fatal,
+            9 => ShardState::Stopped,
+            _ => ShardState::Idle,
+        }
+    }
+}
+
+/// Number of heartbeat round trips kept for latency percentiles.
+const LATENCY_WINDOW: usize = 64;
+
+/// Live statistics of one shard, written by its actor, read by anyone.
+pub struct ShardStats {
+    /// Shard id.
+    pub shard: u32,
+    state: AtomicU8,
+    /// Last heartbeat round trip in ms (`u64::MAX` = none yet).
+    latency_ms: AtomicU64,
+    /// Last sequence number received.
+    pub seq: AtomicU64,
+    /// IDENTIFYs sent.
+    pub identifies: AtomicU32,
+    /// RESUMEs that succeeded.
+    pub resumes: AtomicU32,
+    /// Zombied connections detected.
+    pub zombies: AtomicU32,
+    /// Heartbeats that went unacknowledged.
+    pub heartbeat_misses: AtomicU32,
+    /// Last close code received (0 = none).
+    pub last_close: AtomicU32,
+    /// Dispatches received / forwarded, and bytes received (inflated).
+    pub events: AtomicU64,
+    /// Dispatches forwarded to the event log.
+    pub forwarded: AtomicU64,
+    /// Dispatches dropped because no bot subscription wants them.
+    pub unsubscribed: AtomicU64,
+    /// Inflated bytes received.
+    pub bytes: AtomicU64,
+    /// Current session generation (bumped on each READY).
+    pub session_gen: AtomicU32,
+    /// Session id, resume URL and when the session started.
+    session: Mutex<SessionInfo>,
+    latencies: Mutex<Vec<u32>>,
+}
+
+/// The session a shard holds.
+#[derive(Clone, Debug, Default)]
+pub struct SessionInfo {
+    /// Discord's session id.
+    pub session_id: Option<String>,
+    /// READY's `resume_gateway_url`.
+    pub resume_url: Option<String>,
+    /// When READY arrived.
+    pub started: Option<Instant>,
+}
+
+impl ShardStats {
+    /// Fresh statistics for `shard`.
+    pub fn new(shard: u32) -> Self {
+        ShardStats {
+            shard,
+            state: AtomicU8::new(ShardState::Idle as u8),
+            latency_ms: AtomicU64::new(u64::MAX),
+            seq: AtomicU64::new(0),
+            identifies: AtomicU32::new(0),
+            resumes: AtomicU32::new(0),
+            zombies: AtomicU32::new(0),
+            heartbeat_misses: AtomicU32::new(0),
+            last_close: AtomicU32::new(0),
+            events: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            unsubscribed: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            session_gen: AtomicU32::new(0),
+            session: Mutex::new(SessionInfo::default()),
+            latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> ShardState {
+        ShardState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Record a state change.
+    pub fn set_state(&self, state: ShardState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Record one heartbeat round trip.
+    pub fn record_latency(&self, ms: u64) {
+        self.latency_ms.store(ms, Ordering::Relaxed);
+        let mut window = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        if window.len() == LATENCY_WINDOW {
+            window.remove(0);
+        }
+        window.push(ms.min(u32::MAX as u64) as u32);
+    }
+
+    /// Last heartbeat round trip, if any.
+    pub fn latency_ms(&self) -> Option<u64> {
+        match self.latency_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// p50 and p99 over the recent round trips.
+    pub fn latency_percentiles(&self) -> Option<(u32, u32)> {
+        let mut window = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if window.is_empty() {
+            return None;
+        }
+        window.sort_unstable();
+        let at = |q: f64| window[((window.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+
+    /// The session currently held.
+    pub fn session(&self) -> SessionInfo {
+        self.session.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replace the session (None fields clear it).
+    pub fn set_session(&self, info: SessionInfo) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = info;
+    }
+}
+
+/// `session_start_limit` as last seen, and what the daemon spent since.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct IdentifyBudget {
+    /// Session starts left in the window.
+    pub remaining: u32,
+    /// Session starts per window.
+    pub total: u32,
+    /// When the window resets (unix ms), if known.
+    #[serde(skip)]
+    pub resets_at_ms: u64,
+    /// Identifies per 5 s (bucket count).
+    #[serde(skip)]
+    pub max_concurrency: u32,
+}
+
+/// Why the daemon refused a bot's `send` (the bot protocol's error codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRefusal {
+    /// Protocol error code, e.g. `rate_limited`.
+    pub code: &'static str,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// A gateway command from a bot, routed to a shard.
+pub struct OutboundCommand {
+    /// The serialized payload (`{"op":..,"d":..}`), already checked for op
+    /// and size.
+    pub payload: String,
+    /// Answered once the frame is written (or refused).
+    pub reply: oneshot::Sender<Result<(), SendRefusal>>,
+}
+
+/// Everything the daemon's parts share.
+pub struct Hub {
+    /// The cursor-numbered replay ring.
+    pub log: EventLog,
+    /// Statistics of the shards this daemon owns, by position.
+    pub shards: Vec<Arc<ShardStats>>,
+    /// Total shard count (`[shard, total]` in IDENTIFY).
+    pub shard_total: u32,
+    /// The configured event names; an event's index here is its filter bit.
+    pub events: Vec<String>,
+    /// Session report lines (`{"op":"session",...}\n`) for diagnostics bots.
+    pub sessions: broadcast::Sender<Bytes>,
+    /// Command channels into each owned shard.
+    pub commands: HashMap<u32, mpsc::Sender<OutboundCommand>>,
+    /// Identify budget as last known.
+    pub budget: Mutex<IdentifyBudget>,
+    /// Highest cursor any bot acknowledged (0 = none).
+    pub acked: AtomicU64,
+    /// Bot clients connected now.
+    pub bot_clients: AtomicU32,
+}
+
+impl Hub {
+    /// The bit of `event` in bot filters, if it is a configured event.
+    pub fn event_index(&self, event: &str) -> Option<u8> {
+        self.events
+            .iter()
+            .position(|e| e == event)
+            .map(|i| i as u8)
+    }
+
+    /// Filter that passes every configured event.
+    pub fn all_events_filter(&self) -> u128 {
+        if self.events.len() >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << self.events.len()) - 1
+        }
+    }
+
+    /// Stats of an owned shard.
+    pub fn shard(&self, shard: u32) -> Option<&Arc<ShardStats>> {
+        self.shards.iter().find(|s| s.shard == shard)
+    }
+
+    /// Shard that owns a guild: `(guild_id >> 22) % shard_total`.
+    pub fn shard_for_guild(&self, guild_id: u64) -> u32 {
+        ((guild_id >> 22) % u64::from(self.shard_total.max(1))) as u32
+    }
+
+    /// Publish one session report to diagnostics bots.
+    pub fn report(&self, report: &SessionReport) {
+        let mut line = serde_json::to_vec(report).unwrap_or_default();
+        line.push(b'\n');
+        // No receivers is fine: nobody listens for diagnostics right now.
+        let _ = self.sessions.send(Bytes::from(line));
+    }
+
+    /// The `health` message (DESIGN.md §3.2) as one line.
+    pub fn health_line(&self) -> Bytes {
+        let shards: Vec<HealthShard> = self
+            .shards
+            .iter()
+            .map(|s| HealthShard {
+                shard: s.shard,
+                state: s.state().as_str(),
+                latency_ms: s.latency_ms(),
+                seq: s.seq.load(Ordering::Relaxed),
+                identifies: s.identifies.load(Ordering::Relaxed),
+                resumes: s.resumes.load(Ordering::Relaxed),
+                zombies: s.zombies.load(Ordering::Relaxed),
+                last_close: match s.last_close.load(Ordering::Relaxed) {
+                    0 => None,
+                    code => Some(code),
+                },
+                session_age_s: s.session().started.map(|t| t.elapsed().as_secs()),
+            })
+            .collect();
+        let (ring_bytes, ring_events, _) = self.log.usage();
+        let message = HealthMessage {
+            op: "health",
+            at: crate::clock::now_rfc3339(),
+            shards,
+            identify_budget: *self.budget.lock().unwrap_or_else(|p| p.into_inner()),
+            head: self.log.head(),
+            oldest: self.log.oldest(),
+            ring_bytes,
+            ring_events,
+            bot_clients: self.bot_clients.load(Ordering::Relaxed),
+        };
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+#[derive(Serialize)]
+struct HealthShard {
+    shard: u32,
+    state: &'static str,
+    latency_ms: Option<u64>,
+    seq: u64,
+    identifies: u32,
+    resumes: u32,
+    zombies: u32,
+    last_close: Option<u32>,
+    session_age_s: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct HealthMessage {
+    op: &'static str,
+    at: String,
+    shards: Vec<HealthShard>,
+    identify_budget: IdentifyBudget,
+    head: u64,
+    oldest: u64,
+    ring_bytes: usize,
+    ring_events: usize,
+    bot_clients: u32,
+}
+
+/// A lifecycle change of one shard, as sent to diagnostics bots
+/// (`{"op":"session",...}`) and logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionReport {
+    /// Always `"session"`.
+    pub op: &'static str,
+    /// Shard id.
+    pub shard: u32,
+    /// `connecting`, `ready`, `resumed`, `zombie`, `reconnect_requested`,
+    /// `invalidated`, `closed` or `fatal`.
+    pub event: &'static str,
+    /// When it happened.
+    pub at: String,
+    /// The session concerned, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Last sequence number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Close code, when the connection ended with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
+    /// `resumable`, `reidentify`, `fatal` or `transport`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    /// What happened and what the daemon does next, for a human.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl SessionReport {
+    /// A report of `event` on `shard`, stamped now.
+    pub fn new(shard: u32, event: &'static str) -> Self {
+        SessionReport {
+            op: "session",
+            shard,
+            event,
+            at: crate::clock::now_rfc3339(),
+            session_id: None,
+            seq: None,
+            close_code: None,
+            class: None,
+            detail: None,
+        }
+    }
+}
