@@ -404,10 +404,10 @@ impl Config {
                 }
             },
         };
-        if let (ShardTotal::Fixed(total), ShardRange::Span(..)) = (total, range) {
-            if let Err(e) = range.resolve(total) {
-                problems.push(e);
-            }
+        if let (ShardTotal::Fixed(total), ShardRange::Span(..)) = (total, range)
+            && let Err(e) = range.resolve(total)
+        {
+            problems.push(e);
         }
         let identify_reserve = match s.identify_reserve {
             None => defaults::IDENTIFY_RESERVE,
@@ -483,10 +483,10 @@ impl Config {
                 }
             },
         };
-        if let Some(listen) = &h.metrics_listen {
-            if listen.parse::<std::net::SocketAddr>().is_err() {
-                problems.push(format!("[health] metrics_listen = {listen:?} is not an address: use host:port such as \"127.0.0.1:9464\""));
-            }
+        if let Some(listen) = &h.metrics_listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!("[health] metrics_listen = {listen:?} is not an address: use host:port such as \"127.0.0.1:9464\""));
         }
         let log_format = match h.log_format.as_deref() {
             None | Some("auto") => LogFormat::Auto,
