@@ -1,2 +1,2 @@
 //! shardwarden: a daemon that holds a Discord bot's gateway sessions.
-pub mod simulator;
+pub mod intents;
