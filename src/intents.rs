@@ -6,10 +6,11 @@
 //! and the close 4013/4014 messages use [`check_intent_bits`] and
 //! [`names_for_mask`].
 //!
-//! Three relationships are not "intent delivers event" and are kept apart in
-//! [`ENRICHES`]: an intent that changes what an event carries without being
-//! the one that delivers it (MESSAGE_CONTENT, GUILD_MEMBERS for
-//! THREAD_MEMBERS_UPDATE, GUILD_MEMBERS/GUILD_PRESENCES for op 8 replies).
+//! `Intent::events` means "delivers": any one of an event's intents makes it
+//! arrive. Intents that only change what an event carries (MESSAGE_CONTENT;
+//! GUILD_MEMBERS for THREAD_MEMBERS_UPDATE; GUILD_MEMBERS and GUILD_PRESENCES
+//! for op 8 replies) are kept apart in `ENRICHES`, so that they are neither
+//! required for nor reported as useless with those events.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -435,6 +436,13 @@ pub const ALL_INTENTS_MASK: u64 = 53608447;
 /// GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT (`0x8102`).
 pub const PRIVILEGED_MASK: u64 = 33026;
 
+/// Events that partly arrive without the intent that delivers them; said in
+/// the Undeliverable message, which still asks for the intent.
+static PARTIAL_WITHOUT_INTENT: &[(&str, &str)] = &[(
+    "GUILD_MEMBER_UPDATE",
+    "without it only updates to the bot's own member arrive",
+)];
+
 /// Where intents and events are written in the config file, for messages.
 const INTENTS_KEY: &str = "[discord] intents";
 const EVENTS_KEY: &str = "[discord] events";
@@ -531,6 +539,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
         std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
+}
+
+/// Events `intent` changes without delivering them (see [`ENRICHES`]).
+fn enriches(intent: &str) -> impl Iterator<Item = &'static str> {
+    ENRICHES
+        .iter()
+        .filter(move |(i, _)| *i == intent)
+        .flat_map(|(_, events)| events.iter().copied())
 }
 
 /// Suggestion for a mistyped intent: typos of aliases lead to the canonical name.
@@ -651,10 +667,14 @@ impl fmt::Display for IntentError {
                     "event \"{event}\" can never arrive: no declared intent delivers it; "
                 )?;
                 match names.len() {
-                    0 => write!(f, "remove it from {EVENTS_KEY}"),
-                    1 => write!(f, "add {} to {INTENTS_KEY}", names[0]),
-                    _ => write!(f, "add one of {} to {INTENTS_KEY}", names.join(", ")),
+                    0 => write!(f, "remove it from {EVENTS_KEY}")?,
+                    1 => write!(f, "add {} to {INTENTS_KEY}", names[0])?,
+                    _ => write!(f, "add one of {} to {INTENTS_KEY}", names.join(", "))?,
                 }
+                if let Some((_, caveat)) = PARTIAL_WITHOUT_INTENT.iter().find(|(e, _)| e == event) {
+                    write!(f, " ({caveat})")?;
+                }
+                Ok(())
             }
         }
     }
@@ -749,28 +769,16 @@ pub fn plan(intents: &[String], events: &[String]) -> Result<IntentPlan, Vec<Int
     }
 
     let is_subscribed = |e: &str| subscribed.iter().any(|s| s == e);
-    let enriched = |name: &str| -> Vec<&'static str> {
-        ENRICHES
-            .iter()
-            .filter(|(i, _)| *i == name)
-            .flat_map(|(_, evs)| evs.iter().copied())
-            .filter(|e| is_subscribed(e))
-            .collect()
-    };
 
     // Declared intents nothing subscribed needs.
     for i in &declared {
         let delivers = i.events.iter().any(|e| is_subscribed(e));
-        if delivers || !enriched(i.name).is_empty() {
+        if delivers || enriches(i.name).any(is_subscribed) {
             continue;
         }
         if i.events.is_empty() {
-            let affects = ENRICHES
-                .iter()
-                .filter(|(n, _)| *n == i.name)
-                .flat_map(|(_, evs)| evs.iter().copied())
-                .collect::<Vec<_>>()
-                .join(", ");
+            // MESSAGE_CONTENT, the one intent that delivers nothing.
+            let affects = enriches(i.name).collect::<Vec<_>>().join(", ");
             warnings.push(format!(
                 "intent \"{}\" is declared but no subscribed event carries message content \
                  ({affects}); remove it from {INTENTS_KEY}",
@@ -790,10 +798,7 @@ pub fn plan(intents: &[String], events: &[String]) -> Result<IntentPlan, Vec<Int
     for i in declared.iter().filter(|i| i.privileged) {
         notes.push(privileged_note(i.name));
     }
-    let content_events: Vec<&str> = ENRICHES
-        .iter()
-        .filter(|(n, _)| *n == "MESSAGE_CONTENT")
-        .flat_map(|(_, evs)| evs.iter().copied())
+    let content_events: Vec<&str> = enriches("MESSAGE_CONTENT")
         .filter(|e| is_subscribed(e))
         .collect();
     let has = |name: &str| declared.iter().any(|i| i.name == name);
@@ -1158,6 +1163,17 @@ mod tests {
             errors[0].to_string(),
             "event \"GUILD_MEMBER_ADD\" can never arrive: no declared intent delivers it; add \
              \"GUILD_MEMBERS\" (privileged) to [discord] intents"
+        );
+    }
+
+    #[test]
+    fn undeliverable_own_member_caveat() {
+        let errors = err(&["GUILDS"], &["GUILD_MEMBER_UPDATE"]);
+        assert_eq!(
+            errors[0].to_string(),
+            "event \"GUILD_MEMBER_UPDATE\" can never arrive: no declared intent delivers it; add \
+             \"GUILD_MEMBERS\" (privileged) to [discord] intents (without it only updates to the \
+             bot's own member arrive)"
         );
     }
 
