@@ -5,4 +5,5 @@ pub mod config;
 pub mod event_log;
 pub mod gateway;
 pub mod hub;
+pub mod intents;
 pub mod simulator;
