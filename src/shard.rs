@@ -1,0 +1,1079 @@
+//! The shard actor: one tokio task owning one gateway session through every
+//! reconnect. It connects, heartbeats, identifies or resumes, forwards
+//! dispatches into the event log and decides — from one close-code table —
+//! whether a lost connection is resumed, re-identified or fatal.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Duration, Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+
+use crate::compression::{Compression, Inflater};
+use crate::config::Token;
+use crate::envelope::{Envelope, Hello, Ready};
+use crate::gateway::{self, CloseClass, op};
+use crate::heartbeat::{Beat, Heartbeat};
+use crate::hub::{
+    Hub, OutboundCommand, SendRefusal, SessionInfo, SessionReport, ShardState, ShardStats,
+};
+use crate::identify_queue::IdentifyQueue;
+use crate::ratelimit::SendLimiter;
+
+/// Largest WebSocket message accepted from Discord (compressed size).
+const MAX_WS_MESSAGE: usize = 32 << 20;
+/// Bot commands waiting for the send limiter, per connection.
+const MAX_PENDING_COMMANDS: usize = 64;
+
+/// Everything a shard needs to know to connect.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Shard id.
+    pub shard: u32,
+    /// Total shard count.
+    pub total: u32,
+    /// Bot token.
+    pub token: Token,
+    /// IDENTIFY intents bitfield.
+    pub intents: u64,
+    /// IDENTIFY `large_threshold`.
+    pub large_threshold: u32,
+    /// Transport compression.
+    pub compression: Compression,
+    /// Main gateway URL (from `/gateway/bot`), without query.
+    pub gateway_url: String,
+    /// Limit on opening a WebSocket (TCP + TLS + upgrade).
+    pub connect_timeout: Duration,
+    /// Limit on waiting for HELLO after connecting.
+    pub hello_timeout: Duration,
+    /// Shortest and longest reconnect backoff.
+    pub backoff_min: Duration,
+    /// Longest reconnect backoff.
+    pub backoff_max: Duration,
+}
+
+impl ShardConfig {
+    /// Defaults for timeouts and backoff.
+    pub fn new(shard: u32, total: u32, token: Token, intents: u64, gateway_url: String) -> Self {
+        ShardConfig {
+            shard,
+            total,
+            token,
+            intents,
+            large_threshold: 50,
+            compression: Compression::ZlibStream,
+            gateway_url,
+            connect_timeout: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(20),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a resume needs (and what is persisted across daemon restarts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeState {
+    /// Discord's session id.
+    pub session_id: String,
+    /// READY's `resume_gateway_url`.
+    pub resume_url: String,
+    /// Last sequence number received.
+    pub seq: u64,
+}
+
+/// How a shard task ended.
+#[derive(Debug)]
+pub enum ShardExit {
+    /// Stopped by shutdown; the session (if any) can be resumed later.
+    Shutdown(Option<ResumeState>),
+    /// Stopped for good.
+    Fatal {
+        /// The close code that made it fatal, if any.
+        close_code: Option<u16>,
+        /// What happened and what to fix.
+        reason: String,
+    },
+}
+
+/// What ended one connection and what comes next.
+#[derive(Debug)]
+enum Disconnect {
+    /// Keep the session and RESUME.
+    Resume {
+        event: &'static str,
+        close_code: Option<u16>,
+        class: CloseClass,
+        detail: String,
+        /// Reconnect at once (op 7, zombie) rather than after backoff.
+        immediately: bool,
+    },
+    /// The session is gone: IDENTIFY again.
+    Reidentify {
+        event: &'static str,
+        close_code: Option<u16>,
+        detail: String,
+        /// Wait 1–5 s first (op 9).
+        invalid_session: bool,
+    },
+    /// Stop the shard.
+    Fatal {
+        close_code: Option<u16>,
+        detail: String,
+    },
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// The shard actor.
+pub struct Shard {
+    config: ShardConfig,
+    hub: Arc<Hub>,
+    stats: Arc<ShardStats>,
+    queue: Arc<IdentifyQueue>,
+    /// The session a resume would continue.
+    session: Option<(String, String)>,
+    /// Last sequence number received in the session.
+    seq: u64,
+    commands: mpsc::Receiver<OutboundCommand>,
+    shutdown: watch::Receiver<bool>,
+    /// Session reports for the supervisor (incident detection, exit codes).
+    supervisor: mpsc::UnboundedSender<SessionReport>,
+    /// Consecutive failed attempts since the last healthy session.
+    attempt: u32,
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Shard {
+    /// A shard actor; `resume` continues a persisted session.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: ShardConfig,
+        hub: Arc<Hub>,
+        stats: Arc<ShardStats>,
+        queue: Arc<IdentifyQueue>,
+        commands: mpsc::Receiver<OutboundCommand>,
+        shutdown: watch::Receiver<bool>,
+        supervisor: mpsc::UnboundedSender<SessionReport>,
+        resume: Option<ResumeState>,
+    ) -> Self {
+        let (session, seq) = match resume {
+            Some(r) => (Some((r.session_id, r.resume_url)), r.seq),
+            None => (None, 0),
+        };
+        Shard {
+            config,
+            hub,
+            stats,
+            queue,
+            session,
+            seq,
+            commands,
+            shutdown,
+            supervisor,
+            attempt: 0,
+        }
+    }
+
+    fn id(&self) -> u32 {
+        self.config.shard
+    }
+
+    fn resume_state(&self) -> Option<ResumeState> {
+        self.session.as_ref().map(|(id, url)| ResumeState {
+            session_id: id.clone(),
+            resume_url: url.clone(),
+            seq: self.seq,
+        })
+    }
+
+    fn set_state(&self, state: ShardState) {
+        self.stats.set_state(state);
+    }
+
+    /// Log a lifecycle change and tell diagnostics bots and the supervisor.
+    fn report(
+        &self,
+        event: &'static str,
+        close_code: Option<u16>,
+        class: Option<CloseClass>,
+        detail: Option<String>,
+        next_retry: Option<Duration>,
+    ) {
+        let mut report = SessionReport::new(self.id(), event);
+        report.session_id = self.session.as_ref().map(|(id, _)| id.clone());
+        report.seq = Some(self.seq);
+        report.close_code = close_code;
+        report.class = class.map(CloseClass::as_str);
+        report.detail = detail;
+        let session_age_s = self.stats.session().started.map(|t| t.elapsed().as_secs());
+        let detail = report.detail.as_deref().unwrap_or("");
+        let class = report.class.unwrap_or("-");
+        let next_retry_ms = next_retry.map(|d| d.as_millis() as u64);
+        match event {
+            "fatal" => tracing::error!(
+                shard = self.id(),
+                event,
+                class,
+                close_code,
+                seq = self.seq,
+                session_age_s,
+                attempt = self.attempt,
+                "{detail}"
+            ),
+            "closed" | "zombie" | "invalidated" => tracing::warn!(
+                shard = self.id(),
+                event,
+                class,
+                close_code,
+                seq = self.seq,
+                session_age_s,
+                attempt = self.attempt,
+                next_retry_ms,
+                "{detail}"
+            ),
+            _ => tracing::info!(
+                shard = self.id(),
+                event,
+                seq = self.seq,
+                session_age_s,
+                attempt = self.attempt,
+                "{detail}"
+            ),
+        }
+        self.hub.report(&report);
+        let _ = self.supervisor.send(report);
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Run until shutdown or a fatal close.
+    pub async fn run(mut self) -> ShardExit {
+        let mut backoff = self.backoff();
+        let mut delay: Option<Duration> = None;
+        // After a failed connect to resume_gateway_url, resume via the main URL.
+        let mut use_resume_url = true;
+        loop {
+            if *self.shutdown.borrow() {
+                return self.stopped();
+            }
+            if let Some(wait) = delay.take() {
+                self.set_state(ShardState::Reconnecting);
+                tokio::select! {
+                    _ = sleep(wait) => {}
+                    _ = self.shutdown.changed() => return self.stopped(),
+                }
+            }
+            let resuming = self.session.is_some();
+            if !resuming {
+                self.set_state(ShardState::Queued);
+                let queue = self.queue.clone();
+                tokio::select! {
+                    _ = queue.acquire(self.id()) => {}
+                    _ = self.shutdown.changed() => return self.stopped(),
+                }
+            }
+            let base = match (&self.session, use_resume_url) {
+                (Some((_, resume_url)), true) if gateway_url_ok(resume_url) => resume_url.clone(),
+                _ => self.config.gateway_url.clone(),
+            };
+            let url = connect_url(&base, self.config.compression);
+            self.set_state(ShardState::Connecting);
+            self.report(
+                "connecting",
+                None,
+                None,
+                Some(format!(
+                    "connecting to {base} to {}",
+                    if resuming { "resume" } else { "identify" }
+                )),
+                None,
+            );
+            let ws_config = WebSocketConfig::default()
+                .max_message_size(Some(MAX_WS_MESSAGE))
+                .max_frame_size(Some(MAX_WS_MESSAGE));
+            let connect =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), true);
+            let ws = tokio::select! {
+                result = timeout(self.config.connect_timeout, connect) => match result {
+                    Ok(Ok((ws, _response))) => Some(ws),
+                    Ok(Err(e)) => {
+                        self.attempt += 1;
+                        let wait = backoff.next().unwrap_or(self.config.backoff_max);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("cannot connect to {base}: {e}; retrying in {} ms", wait.as_millis())), Some(wait));
+                        delay = Some(wait);
+                        None
+                    }
+                    Err(_) => {
+                        self.attempt += 1;
+                        let wait = backoff.next().unwrap_or(self.config.backoff_max);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("connecting to {base} timed out after {} s; retrying in {} ms", self.config.connect_timeout.as_secs(), wait.as_millis())), Some(wait));
+                        delay = Some(wait);
+                        None
+                    }
+                },
+                _ = self.shutdown.changed() => return self.stopped(),
+            };
+            let Some(ws) = ws else {
+                if resuming {
+                    use_resume_url = false;
+                }
+                continue;
+            };
+            let (outcome, reached_active) = self.run_connection(ws, resuming).await;
+            if reached_active {
+                self.attempt = 0;
+                backoff = self.backoff();
+            } else {
+                self.attempt += 1;
+            }
+            self.stats.set_session(SessionInfo {
+                session_id: self.session.as_ref().map(|(id, _)| id.clone()),
+                resume_url: self.session.as_ref().map(|(_, url)| url.clone()),
+                started: self.stats.session().started,
+            });
+            match outcome {
+                Disconnect::Shutdown => return self.stopped(),
+                Disconnect::Fatal { close_code, detail } => {
+                    self.set_state(ShardState::Fatal);
+                    self.session = None;
+                    self.report(
+                        "fatal",
+                        close_code,
+                        Some(CloseClass::Fatal),
+                        Some(detail.clone()),
+                        None,
+                    );
+                    return ShardExit::Fatal {
+                        close_code,
+                        reason: detail,
+                    };
+                }
+                Disconnect::Resume {
+                    event,
+                    close_code,
+                    class,
+                    detail,
+                    immediately,
+                } => {
+                    use_resume_url = true;
+                    let wait = if immediately && self.attempt <= 1 {
+                        Duration::from_millis(rand::rng().random_range(0..250))
+                    } else {
+                        backoff.next().unwrap_or(self.config.backoff_max)
+                    };
+                    let detail = format!(
+                        "{detail}; {} in {} ms",
+                        if self.session.is_some() {
+                            "resuming"
+                        } else {
+                            "identifying"
+                        },
+                        wait.as_millis()
+                    );
+                    self.report(event, close_code, Some(class), Some(detail), Some(wait));
+                    delay = Some(wait);
+                }
+                Disconnect::Reidentify {
+                    event,
+                    close_code,
+                    detail,
+                    invalid_session,
+                } => {
+                    self.session = None;
+                    self.seq = 0;
+                    self.stats.set_session(SessionInfo::default());
+                    let wait = if invalid_session {
+                        // Facts §4.7: a random 1–5 s wait before re-identifying.
+                        Duration::from_millis(rand::rng().random_range(1000..5000))
+                    } else {
+                        backoff.next().unwrap_or(self.config.backoff_max)
+                    };
+                    self.report(
+                        event,
+                        close_code,
+                        Some(CloseClass::Reidentify),
+                        Some(format!(
+                            "{detail}; identifying again in {} ms (through the identify queue)",
+                            wait.as_millis()
+                        )),
+                        Some(wait),
+                    );
+                    delay = Some(wait);
+                }
+            }
+        }
+    }
+
+    fn stopped(&mut self) -> ShardExit {
+        self.set_state(ShardState::Stopped);
+        ShardExit::Shutdown(self.resume_state())
+    }
+
+    /// Drive one WebSocket connection until it ends. Everything that belongs
+    /// to the connection (inflate context, heartbeat timer and pending ACK,
+    /// send limiter, queued commands) lives in this function and is dropped
+    /// with it; only the session and seq survive on `self`.
+    async fn run_connection(&mut self, ws: WsStream, resuming: bool) -> (Disconnect, bool) {
+        let (mut sink, mut stream) = ws.split();
+        let mut conn = Connection {
+            inflater: match Inflater::new(self.config.compression) {
+                Ok(inflater) => inflater,
+                Err(e) => {
+                    return (
+                        Disconnect::Resume {
+                            event: "closed",
+                            close_code: None,
+                            class: CloseClass::Transport,
+                            detail: format!("cannot create decompressor: {e}"),
+                            immediately: false,
+                        },
+                        false,
+                    );
+                }
+            },
+            buf: Vec::new(),
+            heartbeat: None,
+            limiter: SendLimiter::default(),
+            pending: std::collections::VecDeque::new(),
+            active: false,
+            resuming,
+        };
+        self.set_state(ShardState::AwaitingHello);
+        let hello_deadline = Instant::now() + self.config.hello_timeout;
+        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+
+        let outcome = loop {
+            let heartbeat_due = conn
+                .heartbeat
+                .as_ref()
+                .map_or(far_future, Heartbeat::next_due);
+            let pending_at = conn.pending.front().map(|(at, _)| *at);
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => {
+                    close(&mut sink, gateway::CLOSE_RESUMABLE, "shardwarden shutting down; will resume").await;
+                    break Disconnect::Shutdown;
+                }
+                _ = sleep_until(heartbeat_due), if conn.heartbeat.is_some() => {
+                    let now = Instant::now();
+                    let beat = conn.heartbeat.as_mut().map(|hb| hb.due(now));
+                    match beat {
+                        Some(Beat::Send) => {
+                            if let Err(d) = self.send_heartbeat(&mut sink, &mut conn).await {
+                                break d;
+                            }
+                        }
+                        Some(Beat::Zombie) | None => {
+                            self.stats.zombies.fetch_add(1, Ordering::Relaxed);
+                            self.stats.heartbeat_misses.fetch_add(1, Ordering::Relaxed);
+                            let interval = conn.heartbeat.as_ref().map_or(0, |hb| hb.interval().as_millis());
+                            self.report("zombie", None, Some(CloseClass::Transport), Some(format!("no heartbeat ACK within {interval} ms: connection presumed dead (zombie)")), None);
+                            // Do not wait on a close handshake with a dead peer.
+                            let _ = timeout(Duration::from_millis(500), sink.send(close_message(gateway::CLOSE_RESUMABLE, "zombie connection"))).await;
+                            break Disconnect::Resume {
+                                event: "closed",
+                                close_code: None,
+                                class: CloseClass::Transport,
+                                detail: "zombie connection dropped".to_string(),
+                                immediately: true,
+                            };
+                        }
+                    }
+                }
+                _ = sleep_until(hello_deadline), if conn.heartbeat.is_none() => {
+                    break Disconnect::Resume {
+                        event: "closed",
+                        close_code: None,
+                        class: CloseClass::Transport,
+                        detail: format!("no HELLO within {} s of connecting", self.config.hello_timeout.as_secs()),
+                        immediately: false,
+                    };
+                }
+                _ = sleep_until(pending_at.unwrap_or(far_future)), if pending_at.is_some() => {
+                    if let Err(d) = self.flush_pending(&mut sink, &mut conn).await {
+                        break d;
+                    }
+                }
+                command = self.commands.recv(), if conn.active && conn.pending.len() < MAX_PENDING_COMMANDS => {
+                    if let Some(command) = command
+                        && let Err(d) = self.send_command(&mut sink, &mut conn, command).await
+                    {
+                        break d;
+                    }
+                }
+                message = stream.next() => {
+                    match message {
+                        None => break Disconnect::Resume {
+                            event: "closed",
+                            close_code: None,
+                            class: CloseClass::Transport,
+                            detail: "connection ended without a close frame".to_string(),
+                            immediately: false,
+                        },
+                        Some(Err(e)) => break Disconnect::Resume {
+                            event: "closed",
+                            close_code: None,
+                            class: CloseClass::Transport,
+                            detail: format!("WebSocket error: {e}"),
+                            immediately: false,
+                        },
+                        Some(Ok(Message::Binary(frame))) => {
+                            let complete = conn.inflater.push(&frame, &mut conn.buf);
+                            match complete {
+                                Ok(false) => {}
+                                Ok(true) => {
+                                    let payload = std::mem::take(&mut conn.buf);
+                                    let result = self.handle_payload(&mut sink, &mut conn, &payload).await;
+                                    conn.buf = payload;
+                                    if let Err(d) = result {
+                                        break d;
+                                    }
+                                }
+                                Err(e) => {
+                                    close(&mut sink, gateway::CLOSE_RESUMABLE, "corrupt compressed stream").await;
+                                    break Disconnect::Resume {
+                                        event: "closed",
+                                        close_code: None,
+                                        class: CloseClass::Transport,
+                                        detail: format!("{e}; dropping the connection (a new one gets a fresh decompressor)"),
+                                        immediately: false,
+                                    };
+                                }
+                            }
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(d) = self.handle_payload(&mut sink, &mut conn, text.as_bytes()).await {
+                                break d;
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.as_ref().map(|f| u16::from(f.code));
+                            let reason = frame.as_ref().map(|f| f.reason.to_string()).unwrap_or_default();
+                            break self.on_close(code, &reason);
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+        };
+        // Commands that never went out are answered, not lost silently.
+        for (_, command) in conn.pending.drain(..) {
+            let _ = command.reply.send(Err(SendRefusal {
+                code: "shard_unavailable",
+                message: format!(
+                    "shard {}'s connection ended before the command could be sent; send it again",
+                    self.id()
+                ),
+            }));
+        }
+        (outcome, conn.active)
+    }
+
+    /// What a close frame from Discord means (facts §3.1, one table).
+    fn on_close(&mut self, code: Option<u16>, reason: &str) -> Disconnect {
+        if let Some(code) = code {
+            self.stats
+                .last_close
+                .store(u32::from(code), Ordering::Relaxed);
+        }
+        let row = code.and_then(gateway::close_code);
+        let name = row.map_or("unlisted close code", |r| r.name);
+        let advice = row.map_or("treated as resumable; Discord's op 9 decides", |r| r.advice);
+        let detail = match code {
+            Some(code) => format!(
+                "Discord closed the connection with {code} ({name}{}): {advice}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(", \"{reason}\"")
+                }
+            ),
+            None => "Discord closed the connection without a code".to_string(),
+        };
+        match gateway::classify_close(code) {
+            CloseClass::Fatal => {
+                let detail = match code {
+                    Some(4013) | Some(4014) => {
+                        let names = crate::intents::names_for_mask(
+                            self.config.intents
+                                & if code == Some(4014) {
+                                    crate::intents::PRIVILEGED_MASK
+                                } else {
+                                    u64::MAX
+                                },
+                        );
+                        format!(
+                            "{detail}. Intents sent: {} (privileged among them: {})",
+                            crate::intents::names_for_mask(self.config.intents).join(", "),
+                            if names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        )
+                    }
+                    _ => detail,
+                };
+                Disconnect::Fatal {
+                    close_code: code,
+                    detail,
+                }
+            }
+            CloseClass::Reidentify => Disconnect::Reidentify {
+                event: "closed",
+                close_code: code,
+                detail,
+                invalid_session: false,
+            },
+            class => Disconnect::Resume {
+                event: "closed",
+                close_code: code,
+                class,
+                detail,
+                immediately: false,
+            },
+        }
+    }
+
+    async fn send_frame<S>(
+        &self,
+        sink: &mut S,
+        conn: &mut Connection,
+        text: String,
+    ) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        conn.limiter.record(Instant::now());
+        match timeout(Duration::from_secs(10), sink.send(Message::text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Disconnect::Resume {
+                event: "closed",
+                close_code: None,
+                class: CloseClass::Transport,
+                detail: format!("sending to Discord failed: {e}"),
+                immediately: false,
+            }),
+            Err(_) => Err(Disconnect::Resume {
+                event: "closed",
+                close_code: None,
+                class: CloseClass::Transport,
+                detail: "sending to Discord blocked for 10 s".to_string(),
+                immediately: false,
+            }),
+        }
+    }
+
+    async fn send_heartbeat<S>(&self, sink: &mut S, conn: &mut Connection) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        let d = if self.seq == 0 {
+            "null".to_string()
+        } else {
+            self.seq.to_string()
+        };
+        self.send_frame(sink, conn, format!("{{\"op\":1,\"d\":{d}}}"))
+            .await
+    }
+
+    async fn send_command<S>(
+        &self,
+        sink: &mut S,
+        conn: &mut Connection,
+        command: OutboundCommand,
+    ) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        match conn.limiter.try_acquire_for_bot(Instant::now()) {
+            None => {
+                let result = self.send_frame(sink, conn, command.payload).await;
+                let _ = command.reply.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(SendRefusal {
+                        code: "shard_unavailable",
+                        message: format!(
+                            "shard {}'s connection failed while sending; send it again",
+                            self.id()
+                        ),
+                    }),
+                });
+                result
+            }
+            Some(at) => {
+                conn.pending.push_back((at, command));
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush_pending<S>(&self, sink: &mut S, conn: &mut Connection) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        while let Some((_, command)) = conn.pending.pop_front() {
+            match conn.limiter.try_acquire_for_bot(Instant::now()) {
+                None => {
+                    let result = self.send_frame(sink, conn, command.payload).await;
+                    let ok = result.is_ok();
+                    let _ = command.reply.send(if ok {
+                        Ok(())
+                    } else {
+                        Err(SendRefusal {
+                            code: "shard_unavailable",
+                            message: format!(
+                                "shard {}'s connection failed while sending; send it again",
+                                self.id()
+                            ),
+                        })
+                    });
+                    result?;
+                }
+                Some(at) => {
+                    conn.pending.push_front((at, command));
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn identify_payload(&self) -> String {
+        json!({
+            "op": op::IDENTIFY,
+            "d": {
+                "token": self.config.token.expose(),
+                "intents": self.config.intents,
+                "shard": [self.config.shard, self.config.total],
+                "large_threshold": self.config.large_threshold,
+                "properties": {"os": std::env::consts::OS, "browser": "shardwarden", "device": "shardwarden"},
+            }
+        })
+        .to_string()
+    }
+
+    fn resume_payload(&self) -> Option<String> {
+        let (session_id, _) = self.session.as_ref()?;
+        Some(
+            json!({
+                "op": op::RESUME,
+                "d": {"token": self.config.token.expose(), "session_id": session_id, "seq": self.seq}
+            })
+            .to_string(),
+        )
+    }
+
+    /// One complete gateway payload.
+    async fn handle_payload<S>(
+        &mut self,
+        sink: &mut S,
+        conn: &mut Connection,
+        payload: &[u8],
+    ) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        self.stats
+            .bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let envelope = match Envelope::parse(payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                close(sink, gateway::CLOSE_RESUMABLE, "malformed payload").await;
+                return Err(Disconnect::Resume {
+                    event: "closed",
+                    close_code: None,
+                    class: CloseClass::Transport,
+                    detail: format!(
+                        "malformed payload from Discord ({e}, {} bytes); dropping the connection",
+                        payload.len()
+                    ),
+                    immediately: false,
+                });
+            }
+        };
+        match envelope.op {
+            op::DISPATCH => {
+                if let Some(s) = envelope.s {
+                    self.seq = s;
+                    self.stats.seq.store(s, Ordering::Relaxed);
+                }
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                let t = envelope.t.as_deref().unwrap_or("");
+                match t {
+                    "READY" => self.on_ready(conn, envelope.raw_d()),
+                    "RESUMED" => {
+                        conn.active = true;
+                        self.set_state(ShardState::Active);
+                        self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                        self.report(
+                            "resumed",
+                            None,
+                            None,
+                            Some("session resumed; missed events replayed".to_string()),
+                            None,
+                        );
+                    }
+                    _ => {}
+                }
+                match self.hub.event_index(t) {
+                    Some(index) => {
+                        let generation = self.stats.session_gen.load(Ordering::Relaxed);
+                        self.hub.log.append(
+                            self.id(),
+                            self.seq,
+                            generation,
+                            index,
+                            t,
+                            envelope.raw_d().as_bytes(),
+                        );
+                        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        self.stats.unsubscribed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            }
+            op::HEARTBEAT => self.send_heartbeat(sink, conn).await,
+            op::HEARTBEAT_ACK => {
+                if let Some(hb) = conn.heartbeat.as_mut()
+                    && let Some(rtt) = hb.on_ack(Instant::now())
+                {
+                    self.stats.record_latency(rtt.as_millis() as u64);
+                }
+                Ok(())
+            }
+            op::HELLO => {
+                if conn.heartbeat.is_some() {
+                    return Ok(()); // A repeated HELLO changes nothing.
+                }
+                let interval = envelope
+                    .d
+                    .and_then(|d| serde_json::from_str::<Hello>(d.get()).ok())
+                    .map(|h| h.heartbeat_interval)
+                    .filter(|&ms| (100..=600_000).contains(&ms));
+                let Some(interval) = interval else {
+                    close(sink, gateway::CLOSE_RESUMABLE, "bad HELLO").await;
+                    return Err(Disconnect::Resume {
+                        event: "closed",
+                        close_code: None,
+                        class: CloseClass::Transport,
+                        detail: format!(
+                            "HELLO without a usable heartbeat_interval: {}",
+                            envelope.raw_d()
+                        ),
+                        immediately: false,
+                    });
+                };
+                let jitter: f64 = rand::rng().random();
+                conn.heartbeat = Some(Heartbeat::start(
+                    Duration::from_millis(interval),
+                    jitter,
+                    Instant::now(),
+                ));
+                if conn.resuming
+                    && let Some(resume) = self.resume_payload()
+                {
+                    self.set_state(ShardState::Resuming);
+                    self.send_frame(sink, conn, resume).await
+                } else {
+                    self.set_state(ShardState::Identifying);
+                    self.stats.identifies.fetch_add(1, Ordering::Relaxed);
+                    let identify = self.identify_payload();
+                    self.send_frame(sink, conn, identify).await
+                }
+            }
+            op::RECONNECT => {
+                self.report(
+                    "reconnect_requested",
+                    None,
+                    Some(CloseClass::Resumable),
+                    Some("Discord asked for a reconnect (op 7)".to_string()),
+                    None,
+                );
+                close(sink, gateway::CLOSE_RESUMABLE, "reconnect requested").await;
+                Err(Disconnect::Resume {
+                    event: "closed",
+                    close_code: None,
+                    class: CloseClass::Resumable,
+                    detail: "closed after op 7".to_string(),
+                    immediately: true,
+                })
+            }
+            op::INVALID_SESSION => {
+                let resumable = envelope.raw_d() == "true";
+                close(sink, gateway::CLOSE_RESUMABLE, "invalid session").await;
+                if resumable && self.session.is_some() {
+                    self.report(
+                        "invalidated",
+                        None,
+                        Some(CloseClass::Resumable),
+                        Some("Discord invalidated the session (op 9, resumable)".to_string()),
+                        None,
+                    );
+                    Err(Disconnect::Resume {
+                        event: "closed",
+                        close_code: None,
+                        class: CloseClass::Resumable,
+                        detail: "closed after op 9 (resumable)".to_string(),
+                        immediately: true,
+                    })
+                } else {
+                    self.report(
+                        "invalidated",
+                        None,
+                        Some(CloseClass::Reidentify),
+                        Some("Discord invalidated the session (op 9, not resumable)".to_string()),
+                        None,
+                    );
+                    Err(Disconnect::Reidentify {
+                        event: "closed",
+                        close_code: None,
+                        detail: "closed after op 9 (not resumable)".to_string(),
+                        invalid_session: true,
+                    })
+                }
+            }
+            other => {
+                tracing::debug!(
+                    shard = self.id(),
+                    op = other,
+                    "ignoring unknown opcode from Discord"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&mut self, conn: &mut Connection, d: &str) {
+        match serde_json::from_str::<Ready>(d) {
+            Ok(ready) => {
+                conn.active = true;
+                self.session = Some((ready.session_id.clone(), ready.resume_gateway_url.clone()));
+                self.stats.session_gen.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_session(SessionInfo {
+                    session_id: Some(ready.session_id),
+                    resume_url: Some(ready.resume_gateway_url),
+                    started: Some(std::time::Instant::now()),
+                });
+                self.set_state(ShardState::Active);
+                self.report(
+                    "ready",
+                    None,
+                    None,
+                    Some("session started (READY)".to_string()),
+                    None,
+                );
+            }
+            Err(e) => {
+                tracing::error!(shard = self.id(), error = %e, "READY without session_id/resume_gateway_url; this session cannot be resumed");
+                conn.active = true;
+                self.set_state(ShardState::Active);
+            }
+        }
+    }
+}
+
+/// Per-connection state, dropped when the connection ends.
+struct Connection {
+    /// Decompression context of this connection.
+    inflater: Inflater,
+    /// Reused buffer for inflated payloads.
+    buf: Vec<u8>,
+    /// Heartbeat timer (after HELLO).
+    heartbeat: Option<Heartbeat>,
+    /// 120/60 s send limiter of this connection.
+    limiter: SendLimiter,
+    /// Bot commands waiting for the limiter: (when the slot frees, command).
+    pending: std::collections::VecDeque<(Instant, OutboundCommand)>,
+    /// READY or RESUMED received.
+    active: bool,
+    /// Whether this connection RESUMEs (else IDENTIFY).
+    resuming: bool,
+}
+
+fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: WsCloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
+
+/// Send a close frame without waiting long for it (the peer may be dead).
+async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
+where
+    S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let _ = timeout(
+        Duration::from_secs(1),
+        sink.send(close_message(code, reason)),
+    )
+    .await;
+}
+
+/// Is a gateway URL acceptable: wss://, or ws:// to loopback?
+pub fn gateway_url_ok(url: &str) -> bool {
+    crate::config::check_url(url, &["wss", "ws"]).is_ok()
+}
+
+/// `base` + `?v=10&encoding=json[&compress=…]` (any query on `base` dropped).
+pub fn connect_url(base: &str, compression: Compression) -> String {
+    let base = base.split('?').next().unwrap_or(base);
+    let after_scheme = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let slash = if after_scheme.contains('/') { "" } else { "/" };
+    format!(
+        "{base}{slash}?v={}&encoding=json{}",
+        gateway::API_VERSION,
+        compression.query()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_url_appends_query() {
+        assert_eq!(
+            connect_url("wss://gateway.discord.gg", Compression::ZlibStream),
+            "wss://gateway.discord.gg/?v=10&encoding=json&compress=zlib-stream"
+        );
+        assert_eq!(
+            connect_url("wss://gateway-us-east1-b.discord.gg/", Compression::None),
+            "wss://gateway-us-east1-b.discord.gg/?v=10&encoding=json"
+        );
+        assert_eq!(
+            connect_url("ws://127.0.0.1:9/resume?old=1", Compression::ZstdStream),
+            "ws://127.0.0.1:9/resume?v=10&encoding=json&compress=zstd-stream"
+        );
+    }
+
+    #[test]
+    fn resume_urls_must_be_tls_off_loopback() {
+        assert!(gateway_url_ok("wss://gateway.discord.gg"));
+        assert!(gateway_url_ok("ws://127.0.0.1:4000/resume"));
+        assert!(!gateway_url_ok("ws://gateway.discord.gg"));
+        assert!(!gateway_url_ok("https://gateway.discord.gg"));
+    }
+}
