@@ -265,8 +265,9 @@ impl Shard {
             .build()
     }
 
-    /// Run until shutdown or a fatal close.
-    pub async fn run(mut self) -> ShardExit {
+    /// Run until shutdown or a fatal close. Takes `&mut self` so that the
+    /// supervisor can run the same shard again (session intact) after a panic.
+    pub async fn run(&mut self) -> ShardExit {
         let mut backoff = self.backoff();
         let mut delay: Option<Duration> = None;
         // After a failed connect to resume_gateway_url, resume via the main URL.

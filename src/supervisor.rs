@@ -1,0 +1,535 @@
+//! The supervisor: plans the shards, starts them through the identify queue,
+//! restarts crashed actors, notices Discord-side incidents, logs session
+//! health, and on SIGTERM persists every session so the next start resumes.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::bot_server::{BotServer, BotServerConfig};
+use crate::config::{Config, ShardTotal, Token};
+use crate::event_log::EventLog;
+use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState, ShardStats};
+use crate::identify_queue::IdentifyQueue;
+use crate::rest::{self, RestErrorKind};
+use crate::shard::{ResumeState, Shard, ShardConfig, ShardExit, gateway_url_ok};
+use crate::state::{SavedSession, SavedState, StateStore};
+
+/// `EX_CONFIG`: a configuration or permission fault; systemd is told not to
+/// restart into it (`RestartPreventExitStatus=78`).
+pub const EXIT_CONFIG: i32 = 78;
+/// Could not go on for another reason.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Why `run` stopped with an error.
+#[derive(Debug)]
+pub struct DaemonError {
+    /// Process exit code.
+    pub exit_code: i32,
+    /// What went wrong and what to fix.
+    pub message: String,
+}
+
+impl std::fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl DaemonError {
+    fn config(message: impl Into<String>) -> Self {
+        DaemonError {
+            exit_code: EXIT_CONFIG,
+            message: message.into(),
+        }
+    }
+}
+
+/// Ways to run the daemon other than from a config file alone (demo, tests).
+#[derive(Default)]
+pub struct DaemonOptions {
+    /// Use this token instead of the configured source.
+    pub token: Option<Token>,
+    /// Use this REST base instead of `[discord] api_base`.
+    pub api_base: Option<String>,
+    /// Stop when this turns true (in addition to SIGTERM/SIGINT).
+    pub shutdown: Option<watch::Receiver<bool>>,
+    /// Shorter reconnect backoff (tests, demo).
+    pub backoff_min: Option<Duration>,
+}
+
+/// Run the daemon until shutdown. `Ok` after a clean shutdown.
+pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonError> {
+    let plan = crate::intents::plan(&config.discord.intents, &config.discord.events).map_err(|errors| {
+        DaemonError::config(
+            errors
+                .iter()
+                .map(|e| format!("error: {e}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    for warning in &plan.warnings {
+        tracing::warn!(event = "config_warning", "{warning}");
+    }
+    let token = match options.token {
+        Some(token) => token,
+        None => config.discord.token_source.load().map_err(DaemonError::config)?,
+    };
+    let api_base = options.api_base.unwrap_or_else(|| config.discord.api_base.clone());
+    crate::config::check_url(&api_base, &["https", "http"])
+        .map_err(|e| DaemonError::config(format!("[discord] api_base = {api_base:?}: {e}")))?;
+
+    let store = StateStore::new(&config.state.dir);
+    let saved = match store.load() {
+        Ok(saved) => saved,
+        Err(message) => {
+            tracing::warn!(event = "state_ignored", "{message}");
+            None
+        }
+    };
+
+    tracing::info!(token = %token.fingerprint(), api_base = %api_base, "fetching /gateway/bot");
+    let gateway = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300))
+        .await
+        .map_err(|e| match e.kind {
+            RestErrorKind::Unauthorized | RestErrorKind::Forbidden => DaemonError::config(e.to_string()),
+            _ => DaemonError {
+                exit_code: EXIT_FAILURE,
+                message: format!("cannot reach Discord: {e}"),
+            },
+        })?;
+    if !gateway_url_ok(&gateway.url) {
+        return Err(DaemonError {
+            exit_code: EXIT_FAILURE,
+            message: format!(
+                "/gateway/bot returned gateway url {:?}: only wss:// (or ws:// to loopback) is accepted",
+                gateway.url
+            ),
+        });
+    }
+    let limit = &gateway.session_start_limit;
+    let total = match config.shards.total {
+        ShardTotal::Auto => gateway.shards.max(1),
+        ShardTotal::Fixed(n) => n,
+    };
+    let owned = config.shards.range.resolve(total).map_err(DaemonError::config)?;
+    tracing::info!(
+        shard_total = total,
+        owned = owned.len(),
+        recommended = gateway.shards,
+        remaining = limit.remaining,
+        budget_total = limit.total,
+        max_concurrency = limit.max_concurrency,
+        reset_after_ms = limit.reset_after,
+        "gateway plan"
+    );
+
+    // Persisted sessions: fresh ones are resumed, stale ones dropped.
+    let mut resumes: HashMap<u32, ResumeState> = HashMap::new();
+    let mut first_cursor = 1;
+    if let Some(saved) = &saved {
+        first_cursor = saved.next_cursor.max(1);
+        let age = Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
+        if saved.shard_total != total {
+            tracing::warn!(event = "state_ignored", saved_total = saved.shard_total, total, "persisted sessions were for another shard count; identifying");
+        } else if age > config.state.resume_window {
+            tracing::warn!(event = "state_ignored", age_s = age.as_secs(), window_s = config.state.resume_window.as_secs(), "persisted sessions are too old to resume; identifying");
+        } else {
+            for session in &saved.sessions {
+                if owned.contains(&session.shard) {
+                    resumes.insert(session.shard, session.into());
+                }
+            }
+            tracing::info!(sessions = resumes.len(), age_s = age.as_secs(), next_cursor = first_cursor, "resuming persisted sessions");
+        }
+    }
+
+    let (sessions_tx, _) = broadcast::channel(4096);
+    let mut commands = HashMap::new();
+    let mut receivers = HashMap::new();
+    for &shard in &owned {
+        let (tx, rx) = mpsc::channel(64);
+        commands.insert(shard, tx);
+        receivers.insert(shard, rx);
+    }
+    let hub = Arc::new(Hub {
+        log: EventLog::new(first_cursor, config.bot.replay_buffer),
+        shards: owned.iter().map(|&s| Arc::new(ShardStats::new(s))).collect(),
+        shard_total: total,
+        events: plan.events.clone(),
+        sessions: sessions_tx,
+        commands,
+        budget: std::sync::Mutex::new(IdentifyBudget {
+            remaining: limit.remaining,
+            total: limit.total,
+            resets_at_ms: crate::clock::unix_millis() + limit.reset_after,
+            max_concurrency: limit.max_concurrency,
+        }),
+        acked: AtomicU64::new(0),
+        bot_clients: Default::default(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = BotServer::bind(
+        BotServerConfig {
+            socket: config.bot.socket.clone(),
+            socket_mode: config.bot.socket_mode,
+            health_interval: config.health.log_interval,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        hub.clone(),
+    )
+    .await
+    .map_err(|e| DaemonError::config(format!("[bot] socket = {:?}: {e}", config.bot.socket.display())))?;
+    let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
+
+    let queue = Arc::new(IdentifyQueue::new(
+        limit.max_concurrency,
+        config.shards.identify_reserve,
+        hub.clone(),
+    ));
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
+    let mut shards = JoinSet::new();
+    for &id in &owned {
+        let mut shard_config = ShardConfig::new(id, total, token.clone(), plan.bits, gateway.url.clone());
+        shard_config.compression = config.discord.compression;
+        shard_config.large_threshold = config.discord.large_threshold;
+        if let Some(min) = options.backoff_min {
+            shard_config.backoff_min = min;
+            shard_config.backoff_max = min * 20;
+        }
+        let stats = hub.shard(id).expect("owned shard has stats").clone();
+        let shard = Shard::new(
+            shard_config,
+            hub.clone(),
+            stats,
+            queue.clone(),
+            receivers.remove(&id).expect("receiver per shard"),
+            shutdown_rx.clone(),
+            report_tx.clone(),
+            resumes.remove(&id),
+        );
+        shards.spawn(supervise(shard, id));
+    }
+    drop(report_tx);
+
+    // Persist the cursor lease whenever it moves, and sessions periodically,
+    // so even a crash (no clean shutdown) never reuses a cursor.
+    let persister = tokio::spawn(persist_loop(
+        store.clone(),
+        hub.clone(),
+        total,
+        config.health.log_interval,
+        shutdown_rx.clone(),
+    ));
+
+    let mut external = options.shutdown;
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
+    let mut sighup = signal(tokio::signal::unix::SignalKind::hangup());
+    let mut summary = tokio::time::interval(config.health.log_interval);
+    summary.tick().await;
+    let mut incidents = IncidentDetector::new(owned.len());
+    let mut exits: Vec<(u32, ShardExit)> = Vec::new();
+
+    let reason = loop {
+        tokio::select! {
+            _ = recv_signal(&mut sigterm) => break "SIGTERM",
+            _ = recv_signal(&mut sigint) => break "SIGINT",
+            _ = wait_true(&mut external) => break "shutdown requested",
+            _ = recv_signal(&mut sighup) => {
+                tracing::warn!(event = "reload", "SIGHUP received: live reload is not implemented yet; restart the service to apply config changes (sessions resume across a restart)");
+            }
+            Some(report) = report_rx.recv() => {
+                if let Some(line) = incidents.observe(&report, &hub) {
+                    queue.set_stretch(if incidents.active { 300 } else { 100 });
+                    hub.report(&line);
+                }
+            }
+            _ = summary.tick() => log_summary(&hub),
+            Some(joined) = shards.join_next() => {
+                if let Ok((id, exit)) = joined {
+                    exits.push((id, exit));
+                }
+                let fatal = exits.iter().filter(|(_, e)| matches!(e, ShardExit::Fatal { .. })).count();
+                if fatal == owned.len() {
+                    let _ = shutdown_tx.send(true);
+                    let _ = server_task.await;
+                    persister.abort();
+                    let reasons: Vec<String> = exits
+                        .iter()
+                        .filter_map(|(id, e)| match e {
+                            ShardExit::Fatal { reason, .. } => Some(format!("shard {id}: {reason}")),
+                            ShardExit::Shutdown(_) => None,
+                        })
+                        .collect();
+                    return Err(DaemonError::config(format!(
+                        "every shard closed fatally; nothing left to run:\n  {}",
+                        reasons.join("\n  ")
+                    )));
+                }
+            }
+        }
+    };
+
+    tracing::info!(reason, "shutting down: closing gateway connections resumably and saving sessions");
+    let _ = shutdown_tx.send(true);
+    while let Some(joined) = shards.join_next().await {
+        if let Ok((id, exit)) = joined {
+            exits.push((id, exit));
+        }
+    }
+    persister.abort();
+    let _ = server_task.await;
+    let sessions = sessions_to_save(&hub, &exits);
+    let state = SavedState::new(hub.log.next_cursor(), total, sessions);
+    match store.save(&state) {
+        Ok(()) => tracing::info!(
+            sessions = state.sessions.len(),
+            next_cursor = state.next_cursor,
+            path = %store.path().display(),
+            "state saved; the next start resumes these sessions"
+        ),
+        Err(e) => tracing::error!(path = %store.path().display(), error = %e, "cannot save state: the next start will identify again (check [state] dir permissions)"),
+    }
+    Ok(())
+}
+
+/// Run one shard, restarting it after a panic with capped backoff and jitter.
+async fn supervise(mut shard: Shard, id: u32) -> (u32, ShardExit) {
+    let mut restarts = 0u32;
+    loop {
+        match AssertUnwindSafe(shard.run()).catch_unwind().await {
+            Ok(exit) => return (id, exit),
+            Err(panic) => {
+                restarts += 1;
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                let base = Duration::from_millis(500).saturating_mul(1 << restarts.min(7)).min(Duration::from_secs(60));
+                let wait = base + Duration::from_millis(rand::rng().random_range(0..=base.as_millis() as u64 / 2));
+                tracing::error!(shard = id, event = "actor_panic", class = "internal", restarts, next_retry_ms = wait.as_millis() as u64, "shard actor panicked ({message}); restarting it with its session intact");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Sessions to persist: resume from what bots acknowledged where they ack
+/// (unacknowledged events are then replayed by Discord), else from the last
+/// sequence delivered.
+fn sessions_to_save(hub: &Hub, exits: &[(u32, ShardExit)]) -> Vec<SavedSession> {
+    let acked = hub.acked.load(Ordering::Relaxed);
+    let gens: Vec<(u32, u32)> = hub
+        .shards
+        .iter()
+        .map(|s| (s.shard, s.session_gen.load(Ordering::Relaxed)))
+        .collect();
+    let unacked = if acked > 0 {
+        hub.log.lowest_unacked_seq(acked, &gens)
+    } else {
+        Vec::new()
+    };
+    exits
+        .iter()
+        .filter_map(|(id, exit)| match exit {
+            ShardExit::Shutdown(Some(resume)) => {
+                let seq = unacked
+                    .iter()
+                    .find(|(shard, _)| shard == id)
+                    .map_or(resume.seq, |&(_, lowest)| lowest.saturating_sub(1).min(resume.seq));
+                Some(SavedSession {
+                    shard: *id,
+                    session_id: resume.session_id.clone(),
+                    resume_url: resume.resume_url.clone(),
+                    seq,
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+async fn persist_loop(
+    store: StateStore,
+    hub: Arc<Hub>,
+    total: u32,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut lease = hub.log.subscribe_lease();
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(5)));
+    loop {
+        tokio::select! {
+            _ = lease.changed() => {}
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let next_cursor = *lease.borrow_and_update();
+        let sessions = hub
+            .shards
+            .iter()
+            .filter_map(|s| {
+                let info = s.session();
+                Some(SavedSession {
+                    shard: s.shard,
+                    session_id: info.session_id?,
+                    resume_url: info.resume_url?,
+                    seq: s.seq.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let store = store.clone();
+        let state = SavedState::new(next_cursor, total, sessions);
+        let result = tokio::task::spawn_blocking(move || store.save(&state)).await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "cannot write the state file; a crash now would identify again (check [state] dir)");
+        }
+    }
+}
+
+/// Correlated failure detection: when at least half the shards (and at
+/// least two) lose their connections within a short window, Discord is the
+/// likelier culprit than this host.
+struct IncidentDetector {
+    owned: usize,
+    window: Duration,
+    failures: VecDeque<(Instant, u32)>,
+    /// An incident is in progress.
+    active: bool,
+}
+
+impl IncidentDetector {
+    fn new(owned: usize) -> Self {
+        IncidentDetector {
+            owned,
+            window: Duration::from_secs(30),
+            failures: VecDeque::new(),
+            active: false,
+        }
+    }
+
+    fn threshold(&self) -> usize {
+        (self.owned.div_ceil(2)).max(2)
+    }
+
+    /// Feed one report; returns a diagnostic to publish when the incident
+    /// state changes.
+    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<SessionReport> {
+        let now = Instant::now();
+        if matches!(report.event, "closed" | "zombie") && report.class != Some("fatal") {
+            self.failures.push_back((now, report.shard));
+        }
+        while let Some(&(at, _)) = self.failures.front() {
+            if now.duration_since(at) > self.window {
+                self.failures.pop_front();
+            } else {
+                break;
+            }
+        }
+        let mut shards: Vec<u32> = self.failures.iter().map(|&(_, s)| s).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        if !self.active && self.owned >= 2 && shards.len() >= self.threshold() {
+            self.active = true;
+            let mut line = SessionReport::new(shards[0], "discord_incident_suspected");
+            line.class = Some("transport");
+            line.detail = Some(format!(
+                "{} of {} shards lost their connections within {} s (shards {:?}): a Discord-side incident is likely; preferring resumes and slowing re-identifies",
+                shards.len(),
+                self.owned,
+                self.window.as_secs(),
+                shards
+            ));
+            tracing::warn!(event = "discord_incident_suspected", class = "incident", shards = shards.len(), owned = self.owned, "{}", line.detail.as_deref().unwrap_or(""));
+            return Some(line);
+        }
+        if self.active && hub.shards.iter().all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal)) {
+            self.active = false;
+            self.failures.clear();
+            let mut line = SessionReport::new(report.shard, "discord_incident_recovered");
+            line.detail = Some("every shard is active again; normal identify pacing restored".to_string());
+            tracing::info!(event = "discord_incident_recovered", class = "incident", "{}", line.detail.as_deref().unwrap_or(""));
+            return Some(line);
+        }
+        None
+    }
+}
+
+/// One summary line for the daemon and one per unhealthy shard.
+fn log_summary(hub: &Hub) {
+    let active = hub.shards.iter().filter(|s| s.state() == ShardState::Active).count();
+    let budget = *hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+    let (ring_bytes, ring_events, evicted) = hub.log.usage();
+    let mut latencies: Vec<u64> = hub.shards.iter().filter_map(|s| s.latency_ms()).collect();
+    latencies.sort_unstable();
+    let p50 = latencies.get(latencies.len() / 2).copied();
+    tracing::info!(
+        event = "summary",
+        shards_active = active,
+        shards = hub.shards.len(),
+        latency_p50_ms = p50,
+        head = hub.log.head(),
+        ring_bytes,
+        ring_events,
+        evicted,
+        bots = hub.bot_clients.load(Ordering::Relaxed),
+        identify_remaining = budget.remaining,
+        identify_total = budget.total,
+        "{active}/{} shards active",
+        hub.shards.len()
+    );
+    for s in hub.shards.iter().filter(|s| s.state() != ShardState::Active) {
+        let (p50, p99) = s.latency_percentiles().unzip();
+        tracing::warn!(
+            event = "shard_unhealthy",
+            shard = s.shard,
+            state = s.state().as_str(),
+            latency_ms = s.latency_ms(),
+            latency_p50_ms = p50,
+            latency_p99_ms = p99,
+            heartbeat_misses = s.heartbeat_misses.load(Ordering::Relaxed),
+            resumes = s.resumes.load(Ordering::Relaxed),
+            identifies = s.identifies.load(Ordering::Relaxed),
+            last_close = s.last_close.load(Ordering::Relaxed),
+            "shard {} is {}",
+            s.shard,
+            s.state().as_str()
+        );
+    }
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).ok()
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_true(rx: &mut Option<watch::Receiver<bool>>) {
+    match rx {
+        Some(rx) => {
+            if rx.wait_for(|v| *v).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
