@@ -66,6 +66,8 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut target: Option<(String, String)> = None;
+    // The callback signature is fixed by tungstenite.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| {
         target = Some((
             req.uri().path().to_string(),

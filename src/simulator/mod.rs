@@ -220,7 +220,7 @@ impl Session {
             Some((s, _)) => *s,
             None => return Vec::new(),
         };
-        let start = if after + 1 <= first {
+        let start = if after < first {
             0
         } else {
             (after + 1 - first) as usize
