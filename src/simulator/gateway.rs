@@ -26,8 +26,6 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// Largest payload a client may send (bytes).
 const MAX_CLIENT_PAYLOAD: usize = 4096;
-/// Identify concurrency window.
-const IDENTIFY_WINDOW: Duration = Duration::from_secs(5);
 /// How long to wait for the peer's close frame after sending ours.
 const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// Messages sent per scheduling step of a burst.
@@ -482,12 +480,14 @@ impl Conn {
         let rejected = 'accept: {
             let mut st = self.inner.lock();
             let now = Instant::now();
+            st.gc_sessions();
+            let window = st.cfg.identify_window;
             if st.cfg.enforce_identify_concurrency {
                 let key = shard_id % st.cfg.max_concurrency.max(1);
                 if st
                     .buckets
                     .get(&key)
-                    .is_some_and(|t| now.duration_since(*t) < IDENTIFY_WINDOW)
+                    .is_some_and(|t| now.duration_since(*t) < window)
                 {
                     break 'accept Some(false);
                 }
@@ -557,7 +557,7 @@ impl Conn {
         enum Outcome {
             Invalid,
             BadSeq,
-            Resumed(u32),
+            Resumed(u32, Option<u64>),
         }
         let outcome = {
             let mut st = self.inner.lock();
@@ -581,16 +581,24 @@ impl Conn {
                     Outcome::Invalid
                 }
                 Some(s) => {
+                    // A session resumed elsewhere is taken away from its old connection.
+                    let previous = s.attached.filter(|c| *c != id);
                     s.attached = Some(id);
                     s.detached_at = None;
                     s.append(
                         "RESUMED",
                         r#"{"_trace":["[\"sim-gateway\",{\"micros\":0}]"]}"#,
                     );
-                    Outcome::Resumed(s.shard[0])
+                    Outcome::Resumed(s.shard[0], previous)
                 }
             };
-            if let Outcome::Resumed(shard) = outcome {
+            if let Outcome::Resumed(_, Some(old)) = outcome
+                && let Some(l) = st.live.get_mut(&old)
+            {
+                l.shard = None;
+                let _ = l.faults.send(Fault::Close(4000));
+            }
+            if let Outcome::Resumed(shard, _) = outcome {
                 if let Some(l) = st.live.get_mut(&id) {
                     l.shard = Some(shard);
                 }
@@ -606,7 +614,7 @@ impl Conn {
         match outcome {
             Outcome::Invalid => self.send_flow(ws, &op_frame(9, Value::Bool(false))).await,
             Outcome::BadSeq => Flow::Close(4007, "Invalid seq."),
-            Outcome::Resumed(_) => {
+            Outcome::Resumed(..) => {
                 self.session = Some(sid);
                 self.sent_upto = seq;
                 self.pump(ws).await
@@ -686,8 +694,13 @@ impl Conn {
         let (shard, total, guilds) = {
             let st = self.inner.lock();
             match st.sessions.get(&sid) {
-                Some(s) => (s.shard[0], s.shard[1], st.cfg.guilds_per_shard.max(1)),
-                None => return Flow::Continue,
+                Some(s) if s.attached == Some(self.id) => {
+                    (s.shard[0], s.shard[1], st.cfg.guilds_per_shard.max(1))
+                }
+                _ => {
+                    self.burst = None;
+                    return Flow::Continue;
+                }
             }
         };
         let guild_ids = guild_ids_for_shard(shard, total, guilds);
@@ -736,6 +749,8 @@ impl Conn {
                 self.send_flow(ws, &op_frame(9, Value::Bool(resumable)))
                     .await
             }
+            // Codes that must never appear in a close frame: just drop the connection.
+            Fault::Close(1005 | 1006 | 1015) => Flow::Drop,
             Fault::Close(code) => Flow::Close(code, "Simulated close"),
             Fault::DropTcp => Flow::Drop,
             Fault::MalformedJson => self.send_flow(ws, r#"{"t":"MESSAGE_CREATE","s":"#).await,

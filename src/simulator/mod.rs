@@ -67,6 +67,8 @@ pub struct SimConfig {
     pub heartbeat_timeout: Option<Duration>,
     /// Client send limit per connection: more than `.0` frames within `.1` closes with 4008.
     pub client_rate_limit: (u32, Duration),
+    /// Identify concurrency window per bucket (Discord: 5 s).
+    pub identify_window: Duration,
 }
 
 impl Default for SimConfig {
@@ -85,6 +87,7 @@ impl Default for SimConfig {
             session_timeout: Duration::from_secs(120),
             heartbeat_timeout: None,
             client_rate_limit: (120, Duration::from_secs(60)),
+            identify_window: Duration::from_secs(5),
         }
     }
 }
@@ -257,6 +260,17 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Frees the replay logs of sessions that can never be resumed again.
+    fn gc_sessions(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.session_timeout;
+        for s in self.sessions.values_mut() {
+            if s.attached.is_none() && !s.log.is_empty() && !s.resumable(timeout, now) {
+                s.log = VecDeque::new();
+            }
+        }
+    }
+
     fn conn_mut(&mut self, conn: u64) -> Option<&mut ConnectionInfo> {
         // Connection ids are dense and start at 1.
         let idx = conn.checked_sub(1)? as usize;

@@ -465,12 +465,21 @@ async fn injected_close_codes() {
         .await;
     assert_eq!(cl.json().await["t"], "RESUMED");
 
+    // Resuming while that connection still holds the session takes it over.
+    let mut cl2 = Client::connect(&sim.resume_url(), Compression::None).await;
+    cl2.hello().await;
+    cl2.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid, "seq": last}}))
+        .await;
+    assert_eq!(cl2.json().await["t"], "RESUMED");
+    assert_eq!(cl.close_code().await, Some(4000));
+    let mut cl = cl2;
+
     // 4009 invalidates it.
     sim.inject(0, Fault::Close(4009));
     assert_eq!(cl.close_code().await, Some(4009));
     let mut cl = Client::connect(&sim.resume_url(), Compression::None).await;
     cl.hello().await;
-    cl.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid, "seq": last + 1}}))
+    cl.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid, "seq": last + 2}}))
         .await;
     assert_eq!(cl.json().await["op"], 9);
 
