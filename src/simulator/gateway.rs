@@ -542,6 +542,9 @@ impl Conn {
         }
         let token = d.get("token").and_then(Value::as_str).unwrap_or("");
         let token = token.strip_prefix("Bot ").unwrap_or(token);
+        if token != self.inner.lock().cfg.token {
+            return Flow::Close(4004, "Authentication failed.");
+        }
         let sid = d
             .get("session_id")
             .and_then(Value::as_str)
@@ -561,10 +564,6 @@ impl Conn {
         }
         let outcome = {
             let mut st = self.inner.lock();
-            if token != st.cfg.token {
-                drop(st);
-                return Flow::Close(4004, "Authentication failed.");
-            }
             let timeout = st.cfg.session_timeout;
             let now = Instant::now();
             let id = self.id;

@@ -701,3 +701,84 @@ fn message_payload_is_realistic() {
     let ids = guild_ids_for_shard(3, 8, 5);
     assert!(ids.iter().all(|g| (g >> 22) % 8 == 3));
 }
+
+#[tokio::test]
+async fn weird_clients_do_not_break_the_simulator() {
+    let sim = Simulator::start(cfg()).await.unwrap();
+    let cases: Vec<(Message, Option<u16>)> = vec![
+        (Message::binary(vec![0xff, 0x00, 0xfe]), Some(4002)),
+        (Message::text("not json"), Some(4002)),
+        (Message::text("[1,2,3]"), Some(4001)),
+        (Message::text(r#"{"op":"1"}"#), Some(4001)),
+        (Message::text(r#"{"op":99999999999}"#), Some(4001)),
+        (Message::text(r#"{"op":2,"d":"x"}"#), Some(4002)),
+        (Message::text(r#"{"op":6,"d":{"seq":-1}}"#), Some(4004)),
+        (
+            Message::text(r#"{"op":2,"d":{"token":"sim-token-0000","intents":1,"shard":[1]}}"#),
+            Some(4010),
+        ),
+        (
+            Message::text(r#"{"op":2,"d":{"token":"sim-token-0000","intents":-5}}"#),
+            Some(4013),
+        ),
+    ];
+    for (msg, want) in cases {
+        let mut cl = Client::connect(&sim.gateway_url(), Compression::None).await;
+        cl.hello().await;
+        cl.ws.send(msg.clone()).await.unwrap();
+        assert_eq!(cl.close_code().await, want, "{msg:?}");
+    }
+    // A message over the server's frame limit just drops the connection.
+    let mut cl = Client::connect(&sim.gateway_url(), Compression::None).await;
+    cl.hello().await;
+    let _ = cl.ws.send(Message::text("x".repeat(2 << 20))).await;
+    assert_eq!(cl.close_code().await, None);
+    // Garbage that is not even a WebSocket handshake.
+    let addr = sim.gateway_url().trim_start_matches("ws://").to_string();
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+    drop(raw);
+    // Still serving.
+    let (_cl, _, _) = ready_client(&sim, Compression::ZlibStream, [0, 1]).await;
+    assert!(sim.connections().iter().filter(|c| c.closed).count() >= 10);
+}
+
+#[tokio::test]
+async fn session_and_heartbeat_timeouts() {
+    let sim = Simulator::start(SimConfig {
+        session_timeout: Duration::from_millis(100),
+        heartbeat_timeout: Some(Duration::from_millis(200)),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut cl, sid, last) = ready_client(&sim, Compression::None, [0, 1]).await;
+    // No heartbeat: closed with 4009.
+    assert_eq!(cl.close_code().await, Some(4009));
+    assert!(sim.sessions()[0].invalid);
+
+    let sim = Simulator::start(SimConfig {
+        session_timeout: Duration::from_millis(100),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut cl, sid2, last2) = ready_client(&sim, Compression::None, [0, 1]).await;
+    cl.close(4000).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut cl = Client::connect(&sim.resume_url(), Compression::None).await;
+    cl.hello().await;
+    cl.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid2, "seq": last2}}))
+        .await;
+    assert_eq!(cl.json().await["d"], false);
+    let _ = (sid, last);
+}
+
+#[test]
+fn simulator_is_send_and_sync() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Simulator>();
+    check::<Fault>();
+    check::<ClientFrame>();
+    check::<ConnectionInfo>();
+}
