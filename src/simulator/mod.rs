@@ -6,6 +6,25 @@
 //! zlib-stream and zstd-stream transport compression). Tests and benchmarks steer it with
 //! [`Simulator::inject`] and [`Simulator::dispatch`] and inspect what clients did with
 //! [`Simulator::frames`] and [`Simulator::connections`]. It only ever listens on 127.0.0.1.
+//!
+//! ```ignore
+//! let sim = Simulator::start(SimConfig { shards: 2, heartbeat_interval_ms: 500, ..Default::default() }).await?;
+//! // point the daemon at sim.api_base() with token "sim-token-0000", then:
+//! sim.wait_until(|s| s.frames().iter().any(|f| f.op == 2), Duration::from_secs(5)).await;
+//! sim.inject(0, Fault::Close(4000));           // the daemon should RESUME on sim.resume_url()
+//! sim.dispatch(0, "MESSAGE_CREATE", serde_json::json!({"content": "hi"}));
+//! ```
+//!
+//! Design notes:
+//! - Every dispatch of a session is appended to its replay log (last [`SESSION_LOG_LIMIT`])
+//!   under the state lock, which assigns `s`; the connection task then sends whatever is
+//!   new in the log. Ordering of `s` on the wire is therefore always strict, and RESUME just
+//!   rewinds the connection's send cursor to the client's `seq`.
+//! - Faults for one connection are applied in the order they were injected.
+//! - IDENTIFY with `session_start_remaining == 0` closes with 4004 (Discord resets the token
+//!   when the budget runs out).
+//! - A RESUME of a session that another live connection still holds takes the session over
+//!   and closes the old connection with 4000.
 
 mod compress;
 mod gateway;

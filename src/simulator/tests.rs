@@ -500,8 +500,9 @@ async fn stop_acking_makes_a_zombie() {
     cl.send(json!({"op": 1, "d": 3})).await;
     assert_eq!(cl.json().await["op"], 11);
     sim.inject(0, Fault::StopAcking);
-    // Fault and heartbeat race on different channels; give the fault a moment.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Faults are applied in order: once op 1 arrives, acking is off.
+    sim.inject(0, Fault::RequestHeartbeat);
+    assert_eq!(cl.json().await["op"], 1);
     cl.send(json!({"op": 1, "d": 3})).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(300), cl.ws.next())
@@ -510,7 +511,8 @@ async fn stop_acking_makes_a_zombie() {
         "got an ACK while acking is stopped"
     );
     sim.inject(0, Fault::ResumeAcking);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    sim.inject(0, Fault::RequestHeartbeat);
+    assert_eq!(cl.json().await["op"], 1);
     cl.send(json!({"op": 1, "d": 3})).await;
     assert_eq!(cl.json().await["op"], 11);
 }
@@ -752,7 +754,7 @@ async fn session_and_heartbeat_timeouts() {
     })
     .await
     .unwrap();
-    let (mut cl, sid, last) = ready_client(&sim, Compression::None, [0, 1]).await;
+    let (mut cl, _, _) = ready_client(&sim, Compression::None, [0, 1]).await;
     // No heartbeat: closed with 4009.
     assert_eq!(cl.close_code().await, Some(4009));
     assert!(sim.sessions()[0].invalid);
@@ -771,7 +773,6 @@ async fn session_and_heartbeat_timeouts() {
     cl.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid2, "seq": last2}}))
         .await;
     assert_eq!(cl.json().await["d"], false);
-    let _ = (sid, last);
 }
 
 #[test]
