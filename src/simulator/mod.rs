@@ -132,9 +132,12 @@ pub enum Fault {
     MalformedJson,
     /// Bytes that fail to inflate (for `compress=none`: a binary frame of invalid UTF-8).
     CorruptFrame,
-    /// One dispatch whose JSON is exactly that many bytes (sequenced when a session exists).
+    /// One MESSAGE_CREATE dispatch whose JSON is exactly that many bytes before compression
+    /// (sequenced when a session exists, otherwise sent with `s: null`).
     Oversized(usize),
-    /// `count` realistic MESSAGE_CREATE dispatches of about `size` bytes, as fast as possible.
+    /// `count` realistic MESSAGE_CREATE dispatches of about `size` bytes, as fast as possible
+    /// (sequenced and logged; needs an identified session, ignored otherwise). Incoming frames
+    /// keep being served during the burst; later faults wait until it is done.
     Burst { count: u32, size: usize },
 }
 
