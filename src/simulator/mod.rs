@@ -1,0 +1,536 @@
+//! An embedded, scriptable Discord gateway simulator.
+//!
+//! [`Simulator::start`] binds two loopback listeners: a minimal HTTP/1.1 server answering
+//! `GET /api/v10/gateway/bot`, and a WebSocket gateway that speaks the Discord v10 JSON
+//! protocol (HELLO, heartbeats, IDENTIFY/READY, RESUME/RESUMED, op 7/9, close codes,
+//! zlib-stream and zstd-stream transport compression). Tests and benchmarks steer it with
+//! [`Simulator::inject`] and [`Simulator::dispatch`] and inspect what clients did with
+//! [`Simulator::frames`] and [`Simulator::connections`]. It only ever listens on 127.0.0.1.
+//!
+//! ```ignore
+//! let sim = Simulator::start(SimConfig { shards: 2, heartbeat_interval_ms: 500, ..Default::default() }).await?;
+//! // point the daemon at sim.api_base() with token "sim-token-0000", then:
+//! sim.wait_until(|s| s.frames().iter().any(|f| f.op == 2), Duration::from_secs(5)).await;
+//! sim.inject(0, Fault::Close(4000));           // the daemon should RESUME on sim.resume_url()
+//! sim.dispatch(0, "MESSAGE_CREATE", serde_json::json!({"content": "hi"}));
+//! ```
+//!
+//! Design notes:
+//! - Every dispatch of a session is appended to its replay log (last [`SESSION_LOG_LIMIT`])
+//!   under the state lock, which assigns `s`; the connection task then sends whatever is
+//!   new in the log. Ordering of `s` on the wire is therefore always strict, and RESUME just
+//!   rewinds the connection's send cursor to the client's `seq`.
+//! - Faults for one connection are applied in the order they were injected.
+//! - IDENTIFY with `session_start_remaining == 0` closes with 4004 (Discord resets the token
+//!   when the budget runs out).
+//! - A RESUME of a session that another live connection still holds takes the session over
+//!   and closes the old connection with 4000.
+
+mod compress;
+mod gateway;
+mod http;
+mod payloads;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+
+pub use compress::{Compression, StreamCompressor, UnknownCompression};
+pub use payloads::{
+    BOT_USER_ID, guild_create_payload, guild_ids_for_shard, message_create_payload,
+    message_create_payload_seeded, snowflake,
+};
+
+/// Privileged intent bits: GUILD_MEMBERS, GUILD_PRESENCES, MESSAGE_CONTENT.
+pub const PRIVILEGED_INTENTS: u64 = (1 << 1) | (1 << 8) | (1 << 15);
+/// Every documented intent bit.
+pub const ALL_INTENTS: u64 = 0x331_FFFF;
+
+/// Number of dispatches kept per session for replay on RESUME.
+pub const SESSION_LOG_LIMIT: usize = 10_000;
+
+/// Simulator settings. Build with `SimConfig { shards: 4, ..Default::default() }`.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The only accepted bot token (without the `Bot ` prefix).
+    pub token: String,
+    /// Recommended shard count returned by `/gateway/bot`.
+    pub shards: u32,
+    /// `session_start_limit.max_concurrency`.
+    pub max_concurrency: u32,
+    /// `session_start_limit.total`.
+    pub session_start_total: u32,
+    /// `session_start_limit.remaining`; decremented by every accepted IDENTIFY.
+    pub session_start_remaining: u32,
+    /// `session_start_limit.reset_after` in milliseconds.
+    pub reset_after_ms: u64,
+    /// Sent in HELLO.
+    pub heartbeat_interval_ms: u64,
+    /// GUILD_CREATE dispatches sent after READY.
+    pub guilds_per_shard: u32,
+    /// Privileged intent bits the "app" has enabled; requesting others closes with 4014.
+    pub allowed_privileged: u64,
+    /// Answer op 9 `false` when a bucket (`shard_id % max_concurrency`) identifies twice in 5 s.
+    pub enforce_identify_concurrency: bool,
+    /// How long a disconnected session stays resumable.
+    pub session_timeout: Duration,
+    /// If set, a connection that sends no heartbeat for this long is closed with 4009
+    /// (and its session invalidated). `None` (the default) disables the check.
+    pub heartbeat_timeout: Option<Duration>,
+    /// Client send limit per connection: more than `.0` frames within `.1` closes with 4008.
+    pub client_rate_limit: (u32, Duration),
+    /// Identify concurrency window per bucket (Discord: 5 s).
+    pub identify_window: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            token: "sim-token-0000".to_string(),
+            shards: 1,
+            max_concurrency: 1,
+            session_start_total: 1000,
+            session_start_remaining: 1000,
+            reset_after_ms: 86_400_000,
+            heartbeat_interval_ms: 41_250,
+            guilds_per_shard: 2,
+            allowed_privileged: PRIVILEGED_INTENTS,
+            enforce_identify_concurrency: true,
+            session_timeout: Duration::from_secs(120),
+            heartbeat_timeout: None,
+            client_rate_limit: (120, Duration::from_secs(60)),
+            identify_window: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A fault injected into the live connection(s) of a shard.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Stop answering heartbeats with op 11 (the connection becomes a zombie).
+    StopAcking,
+    /// Answer heartbeats again.
+    ResumeAcking,
+    /// Send op 1 (server-requested heartbeat).
+    RequestHeartbeat,
+    /// Send op 7 RECONNECT; the client is expected to close and resume.
+    Reconnect,
+    /// Send op 9; `resumable: false` also expires the session so a RESUME fails.
+    InvalidSession { resumable: bool },
+    /// Close with this code. 4003/4004/4005/4007/4009..=4014 also invalidate the session.
+    Close(u16),
+    /// Drop the TCP connection without a close frame.
+    DropTcp,
+    /// A message whose (inflated) content is not JSON.
+    MalformedJson,
+    /// Bytes that fail to inflate (for `compress=none`: a binary frame of invalid UTF-8).
+    CorruptFrame,
+    /// One MESSAGE_CREATE dispatch whose JSON is exactly that many bytes before compression
+    /// (sequenced when a session exists, otherwise sent with `s: null`).
+    Oversized(usize),
+    /// `count` realistic MESSAGE_CREATE dispatches of about `size` bytes, as fast as possible
+    /// (sequenced and logged; needs an identified session, ignored otherwise). Incoming frames
+    /// keep being served during the burst; later faults wait until it is done.
+    Burst { count: u32, size: usize },
+}
+
+/// How `GET /gateway/bot` should fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestFailure {
+    /// Every request fails with this status (429 uses the retry-after seconds) until cleared.
+    Status(u16, Option<f64>),
+    /// The next `n` requests fail with 502 Bad Gateway, then service is normal again.
+    Count(u32),
+    /// The next `times` requests fail with `status` (and `retry_after` for 429).
+    Times {
+        times: u32,
+        status: u16,
+        retry_after: Option<f64>,
+    },
+    /// Every request gets its TCP connection closed without any response, until cleared.
+    Hangup,
+}
+
+/// One frame a client sent.
+#[derive(Debug, Clone)]
+pub struct ClientFrame {
+    /// Connection id (see [`ConnectionInfo::conn`]).
+    pub conn: u64,
+    /// Shard of the connection when the frame arrived (after IDENTIFY/RESUME).
+    pub shard: Option<u32>,
+    /// `op` of the frame; 255 when the frame was not a JSON object with a valid `op`.
+    pub op: u8,
+    /// The parsed frame (for unparsable frames: a JSON string with the lossy text).
+    pub json: Value,
+    /// Arrival time.
+    pub at: Instant,
+}
+
+/// One accepted WebSocket connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// Connection id, starting at 1, in accept order.
+    pub conn: u64,
+    /// Request path, e.g. `/` or `/resume`.
+    pub path: String,
+    /// Raw query string, e.g. `v=10&encoding=json&compress=zlib-stream`.
+    pub query: String,
+    /// Shard after IDENTIFY/RESUME.
+    pub shard: Option<u32>,
+    /// Close code the client sent in its own close frame (not an echo of ours).
+    pub close_code_received: Option<u16>,
+    /// Close code the simulator sent, if it closed the connection.
+    pub close_code_sent: Option<u16>,
+    /// Accept time.
+    pub opened_at: Instant,
+    /// Whether the connection has ended.
+    pub closed: bool,
+    /// Session id after a successful IDENTIFY or RESUME.
+    pub session_id: Option<String>,
+    /// `d` of the last heartbeat the client sent (`None`: no heartbeat yet; `Some(Null)`: `d: null`).
+    pub last_heartbeat: Option<Value>,
+    /// Whether the client sent RESUME and it succeeded.
+    pub resumed: bool,
+}
+
+/// A session as seen by tests.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub shard: [u32; 2],
+    /// Last sequence number assigned.
+    pub seq: u64,
+    /// Connection currently carrying the session.
+    pub attached: Option<u64>,
+    /// Invalidated (op 9 false, client close 1000/1001, fatal close code).
+    pub invalid: bool,
+    pub intents: u64,
+}
+
+pub(crate) struct Session {
+    id: String,
+    shard: [u32; 2],
+    intents: u64,
+    seq: u64,
+    /// (s, full serialized envelope)
+    log: VecDeque<(u64, Arc<str>)>,
+    attached: Option<u64>,
+    detached_at: Option<Instant>,
+    invalid: bool,
+}
+
+impl Session {
+    fn append(&mut self, t: &str, d: &str) -> u64 {
+        self.seq += 1;
+        let s = self.seq;
+        let t = serde_json::to_string(t).unwrap_or_else(|_| "\"UNKNOWN\"".into());
+        let env = format!("{{\"t\":{t},\"s\":{s},\"op\":0,\"d\":{d}}}");
+        self.log.push_back((s, env.into()));
+        while self.log.len() > SESSION_LOG_LIMIT {
+            self.log.pop_front();
+        }
+        s
+    }
+
+    /// Entries with s > after, in order.
+    fn entries_after(&self, after: u64) -> Vec<(u64, Arc<str>)> {
+        let first = match self.log.front() {
+            Some((s, _)) => *s,
+            None => return Vec::new(),
+        };
+        let start = if after < first {
+            0
+        } else {
+            (after + 1 - first) as usize
+        };
+        self.log.iter().skip(start).cloned().collect()
+    }
+
+    fn resumable(&self, timeout: Duration, now: Instant) -> bool {
+        if self.invalid {
+            return false;
+        }
+        match self.detached_at {
+            Some(at) if self.attached.is_none() => now.duration_since(at) <= timeout,
+            _ => true,
+        }
+    }
+}
+
+pub(crate) struct LiveConn {
+    shard: Option<u32>,
+    faults: mpsc::UnboundedSender<Fault>,
+    pump: Arc<Notify>,
+}
+
+pub(crate) struct State {
+    cfg: SimConfig,
+    frames: Vec<ClientFrame>,
+    connections: Vec<ConnectionInfo>,
+    sessions: HashMap<String, Session>,
+    live: HashMap<u64, LiveConn>,
+    buckets: HashMap<u32, Instant>,
+    rest_failure: Option<RestFailure>,
+    rest_requests: u64,
+}
+
+impl State {
+    /// Frees the replay logs of sessions that can never be resumed again.
+    fn gc_sessions(&mut self) {
+        let now = Instant::now();
+        let timeout = self.cfg.session_timeout;
+        for s in self.sessions.values_mut() {
+            if s.attached.is_none() && !s.log.is_empty() && !s.resumable(timeout, now) {
+                s.log = VecDeque::new();
+            }
+        }
+    }
+
+    fn conn_mut(&mut self, conn: u64) -> Option<&mut ConnectionInfo> {
+        // Connection ids are dense and start at 1.
+        let idx = conn.checked_sub(1)? as usize;
+        self.connections.get_mut(idx).filter(|c| c.conn == conn)
+    }
+}
+
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    changed: Notify,
+    shutdown: watch::Sender<bool>,
+    api_addr: SocketAddr,
+    gw_addr: SocketAddr,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn resume_url(&self) -> String {
+        format!("ws://{}/resume", self.gw_addr)
+    }
+
+    fn gateway_url(&self) -> String {
+        format!("ws://{}", self.gw_addr)
+    }
+
+    fn notify_changed(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+struct ShutdownOnDrop(Arc<Inner>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown.send_replace(true);
+    }
+}
+
+/// The running simulator. Cheap to clone; shuts down when the last clone is dropped
+/// or [`Simulator::shutdown`] is called.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+    _guard: Arc<ShutdownOnDrop>,
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator")
+            .field("api", &self.inner.api_addr)
+            .field("gateway", &self.inner.gw_addr)
+            .finish()
+    }
+}
+
+impl Simulator {
+    /// Binds the HTTP API and the gateway on 127.0.0.1 (ephemeral ports) and starts serving.
+    pub async fn start(cfg: SimConfig) -> std::io::Result<Simulator> {
+        let api = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let gw = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                cfg,
+                frames: Vec::new(),
+                connections: Vec::new(),
+                sessions: HashMap::new(),
+                live: HashMap::new(),
+                buckets: HashMap::new(),
+                rest_failure: None,
+                rest_requests: 0,
+            }),
+            changed: Notify::new(),
+            shutdown,
+            api_addr: api.local_addr()?,
+            gw_addr: gw.local_addr()?,
+        });
+        tokio::spawn(http::serve(inner.clone(), api));
+        tokio::spawn(gateway::serve(inner.clone(), gw));
+        Ok(Simulator {
+            _guard: Arc::new(ShutdownOnDrop(inner.clone())),
+            inner,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT/api/v10`
+    pub fn api_base(&self) -> String {
+        format!("http://{}/api/v10", self.inner.api_addr)
+    }
+
+    /// `ws://127.0.0.1:PORT2` (the `url` returned by `/gateway/bot`).
+    pub fn gateway_url(&self) -> String {
+        self.inner.gateway_url()
+    }
+
+    /// `ws://127.0.0.1:PORT2/resume` (READY's `resume_gateway_url`).
+    pub fn resume_url(&self) -> String {
+        self.inner.resume_url()
+    }
+
+    /// A copy of the current configuration (including the live `session_start_remaining`).
+    pub fn config(&self) -> SimConfig {
+        self.inner.lock().cfg.clone()
+    }
+
+    /// Applies `fault` to every live connection currently carrying `shard`.
+    /// Returns whether at least one connection got it.
+    pub fn inject(&self, shard: u32, fault: Fault) -> bool {
+        let st = self.inner.lock();
+        let mut any = false;
+        for live in st.live.values().filter(|l| l.shard == Some(shard)) {
+            any |= live.faults.send(fault.clone()).is_ok();
+        }
+        any
+    }
+
+    /// Applies `fault` to one connection by id (also before IDENTIFY). Returns whether it is live.
+    pub fn inject_conn(&self, conn: u64, fault: Fault) -> bool {
+        let st = self.inner.lock();
+        st.live
+            .get(&conn)
+            .is_some_and(|l| l.faults.send(fault).is_ok())
+    }
+
+    /// Every frame any client sent, in arrival order.
+    pub fn frames(&self) -> Vec<ClientFrame> {
+        self.inner.lock().frames.clone()
+    }
+
+    /// Every WebSocket connection accepted, in order.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.inner.lock().connections.clone()
+    }
+
+    /// All sessions ever created.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let st = self.inner.lock();
+        let mut v: Vec<SessionInfo> = st
+            .sessions
+            .values()
+            .map(|s| SessionInfo {
+                session_id: s.id.clone(),
+                shard: s.shard,
+                seq: s.seq,
+                attached: s.attached,
+                invalid: s.invalid,
+                intents: s.intents,
+            })
+            .collect();
+        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        v
+    }
+
+    /// Number of HTTP requests the API listener has received.
+    pub fn rest_requests(&self) -> u64 {
+        self.inner.lock().rest_requests
+    }
+
+    /// Polls `f` until it returns true (waking on every new frame / connection change and
+    /// at least every 10 ms) or `timeout` passes. Returns the last result of `f`.
+    pub async fn wait_until<F: Fn(&Simulator) -> bool>(&self, f: F, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if f(self) {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let tick = (now + Duration::from_millis(10)).min(deadline);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(tick) => {}
+            }
+        }
+    }
+
+    /// Sets `session_start_limit.remaining`.
+    pub fn set_session_start_remaining(&self, n: u32) {
+        self.inner.lock().cfg.session_start_remaining = n;
+    }
+
+    /// Makes `GET /gateway/bot` fail (see [`RestFailure`]); `None` restores normal service.
+    pub fn set_rest_failure(&self, f: Option<RestFailure>) {
+        self.inner.lock().rest_failure = f;
+    }
+
+    /// Sends one dispatch to every live session of `shard` (sequenced and logged for resume).
+    /// If no connection currently carries a session of that shard, the newest resumable
+    /// session of that shard gets it logged, to be replayed on RESUME.
+    /// Returns how many sessions got it.
+    pub fn dispatch(&self, shard: u32, t: &str, d: Value) -> usize {
+        let d = d.to_string();
+        let mut st = self.inner.lock();
+        let now = Instant::now();
+        let timeout = st.cfg.session_timeout;
+        let State { sessions, live, .. } = &mut *st;
+        let mut n = 0;
+        for s in sessions.values_mut() {
+            if s.shard[0] != shard || s.invalid {
+                continue;
+            }
+            if let Some(c) = s.attached
+                && let Some(l) = live.get(&c)
+            {
+                s.append(t, &d);
+                l.pump.notify_one();
+                n += 1;
+            }
+        }
+        if n == 0 {
+            // Newest resumable detached session: the one detached most recently.
+            let target = sessions
+                .values_mut()
+                .filter(|s| s.shard[0] == shard && s.resumable(timeout, now))
+                .max_by_key(|s| s.detached_at);
+            if let Some(s) = target {
+                s.append(t, &d);
+                n = 1;
+            }
+        }
+        n
+    }
+
+    /// Stops the listeners and drops every connection.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        self.inner.notify_changed();
+    }
+}
