@@ -1,0 +1,70 @@
+//! `shardwarden check-config`: validate a configuration and print the plan
+//! the daemon would run, with warnings and notes an operator should read.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{Config, ShardRange, ShardTotal, TokenSource};
+
+/// Validate `path`, print the resolved plan; exit 0 when valid, 1 when not.
+pub fn check_config(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let plan = match crate::intents::plan(&config.discord.intents, &config.discord.events) {
+        Ok(plan) => plan,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {}: {e}", path.display());
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let intent_names: Vec<&str> = plan.intents.iter().map(|i| i.name).collect();
+    println!("config {}: valid", path.display());
+    println!();
+    println!("intents     {} = {}", plan.bits, intent_names.join(" | "));
+    println!("events      {}", plan.events.join(", "));
+    println!("compression {}", config.discord.compression.name());
+    println!("api_base    {}", config.discord.api_base);
+    match &config.discord.token_source {
+        TokenSource::Env(name) => match std::env::var(name) {
+            Ok(_) => println!("token       from ${name} (set)"),
+            Err(_) => println!("token       from ${name} (not set in this shell: `run` will fail unless it is set there)"),
+        },
+        TokenSource::File(file) => match config.discord.token_source.load() {
+            Ok(token) => println!("token       from {} ({})", file.display(), token.fingerprint()),
+            Err(_) => println!("token       from {} (not readable here: `run` needs it readable by the service user, e.g. via LoadCredential=)", file.display()),
+        },
+    }
+    let total = match config.shards.total {
+        ShardTotal::Auto => "auto (Discord's recommendation from /gateway/bot)".to_string(),
+        ShardTotal::Fixed(n) => n.to_string(),
+    };
+    let range = match (config.shards.range, config.shards.total) {
+        (ShardRange::All, _) => "all".to_string(),
+        (ShardRange::Span(a, b), _) => format!("{a}..{b} (shards {a}–{}, {} shards)", b - 1, b - a),
+    };
+    println!("shards      total {total}, range {range}, identify_reserve {}", config.shards.identify_reserve);
+    println!(
+        "bot socket  {} (mode {:04o}), replay buffer {} bytes",
+        config.bot.socket.display(),
+        config.bot.socket_mode,
+        config.bot.replay_buffer
+    );
+    println!("health      every {} s{}", config.health.log_interval.as_secs(), config.health.metrics_listen.as_ref().map(|m| format!(", metrics on {m}")).unwrap_or_default());
+    println!("state dir   {} (sessions younger than {} s are resumed)", config.state.dir.display(), config.state.resume_window.as_secs());
+    for warning in &plan.warnings {
+        println!();
+        println!("warning: {warning}");
+    }
+    for note in &plan.notes {
+        println!();
+        println!("note: {note}");
+    }
+    ExitCode::SUCCESS
+}
