@@ -2,4 +2,5 @@
 pub mod clock;
 pub mod event_log;
 pub mod hub;
+pub mod protocol;
 pub mod simulator;
