@@ -1,4 +1,5 @@
 //! shardwarden: a daemon that holds a Discord bot's gateway sessions.
+pub mod bot_server;
 pub mod clock;
 pub mod event_log;
 pub mod hub;
