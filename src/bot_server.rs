@@ -25,7 +25,11 @@
 //! - Op 31 without `shard`/`guild_id` is routed by its `d.guild_ids`: one
 //!   payload per owning shard, answered once (`sent` lists every shard in an
 //!   added `shards` field). If any guild's shard is not owned, nothing is sent.
-//! - An `ack` beyond the cursor delivered so far is a `bad_request`.
+//! - `events: []` is allowed (a bot that only wants diagnostics or sends).
+//! - `send` with `shard` or `guild_id` goes to that one shard as is, op 31
+//!   included.
+//! - An `ack` beyond the cursor delivered so far is a `bad_request`; acks
+//!   only move forward (a lower one is ignored).
 //! - `hub.bot_clients` counts bots that completed the handshake.
 
 use std::fmt;
@@ -37,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -620,6 +625,8 @@ async fn serve_bot(
         tick
     });
     let mut delivery = Delivery {
+        conn,
+        client,
         head: hub.log.subscribe_head(),
         sessions: subscription.diagnostics.then(|| hub.sessions.subscribe()),
         hub: hub.clone(),
@@ -639,6 +646,7 @@ async fn serve_bot(
 
     let missed = welcome.missed.max(delivery.missed);
     let position = delivery.delivered.load(Ordering::Relaxed);
+    let client = &delivery.client;
     let acked = acked.load(Ordering::Relaxed);
     match &end {
         End::Io(e) => {
@@ -682,14 +690,19 @@ enum Written {
 
 /// The writer side of one bot connection.
 struct Delivery {
+    /// Connection number, for logs.
+    conn: u64,
+    /// The bot's name, for logs.
+    client: String,
     hub: Arc<Hub>,
     write: OwnedWriteHalf,
     /// Bit set over `hub.events`.
     filter: u128,
     /// Cursor the next log read starts after.
     position: u64,
-    /// Cursor every event up to which has been written to the bot (the
-    /// reader checks acks against it).
+    /// Cursor up to which events have been handed to the socket (written or
+    /// being written). The reader checks acks against it: a bot may read
+    /// and ack the start of a batch before the whole batch is written.
     delivered: Arc<AtomicU64>,
     head: watch::Receiver<u64>,
     answers: mpsc::Receiver<Bytes>,
@@ -792,6 +805,12 @@ impl Delivery {
                 })),
             }
         }
+        // A bot catching up never waits, so poll its health tick here too.
+        if let Some(tick) = &mut self.health
+            && tick.tick().now_or_never().is_some()
+        {
+            self.out.extend_from_slice(&self.hub.health_line());
+        }
         let head = *self.head.borrow_and_update();
         if self.position >= head {
             return;
@@ -804,6 +823,8 @@ impl Delivery {
             let lost = to + 1 - from;
             self.missed += lost;
             tracing::warn!(
+                conn = self.conn,
+                client = ?self.client,
                 from,
                 to,
                 missed = lost,
@@ -816,6 +837,7 @@ impl Delivery {
             self.out.extend_from_slice(&line);
         }
         self.position = outcome.after;
+        self.delivered.store(self.position, Ordering::Relaxed);
     }
 
     fn session_report(&mut self, report: Result<Bytes, broadcast::error::RecvError>) {
@@ -840,14 +862,13 @@ impl Delivery {
         }
     }
 
-    /// The last write went out: everything gathered is delivered.
+    /// The last write went out.
     fn committed(&mut self) {
         self.out.clear();
         // One huge event (a big GUILD_CREATE) must not pin its size forever.
         if self.out.capacity() > 4 * BATCH_BYTES {
             self.out.shrink_to(BATCH_BYTES);
         }
-        self.delivered.store(self.position, Ordering::Relaxed);
     }
 
     /// The bot stopped sending: deliver what is pending (a bot may half-close
@@ -873,7 +894,15 @@ impl Delivery {
         loop {
             self.gather();
             if self.out.is_empty() {
-                break;
+                // A read can end early (bounded scan) with nothing for this
+                // bot's filter: only stop once caught up.
+                if self.position >= *self.head.borrow() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return End::FlushTimeout;
+                }
+                continue;
             }
             match timeout_at(deadline, self.write.write_all(&self.out)).await {
                 Ok(Ok(())) => self.committed(),
@@ -1439,6 +1468,25 @@ mod tests {
         }
         assert!(gaps >= 1, "the bot must have fallen out of the ring");
         assert!(received > 0);
+    }
+
+    #[tokio::test]
+    async fn narrow_filter_replays_across_a_large_ring() {
+        let daemon = start(64 << 20).await;
+        let skipped = crate::event_log::MAX_SCAN as u64 * 2 + 5;
+        for _ in 0..skipped {
+            daemon.append("GUILD_CREATE");
+        }
+        let wanted = daemon.append("INTERACTION_CREATE");
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["INTERACTION_CREATE"]), json!(0)).await;
+        assert_eq!(bot.dispatches(1).await, vec![wanted]);
+        bot.send(json!({"op":"ack","cursor":wanted})).await;
+        daemon
+            .until("ack recorded", |hub| {
+                hub.acked.load(Ordering::Relaxed) == wanted
+            })
+            .await;
     }
 
     #[tokio::test]
