@@ -47,7 +47,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, timeout_at};
 
 use crate::hub::{Hub, OutboundCommand, SendRefusal};
@@ -277,7 +277,11 @@ impl BotServer {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some(_) = bots.join_next(), if !bots.is_empty() => {}
+                Some(joined) = bots.join_next(), if !bots.is_empty() => {
+                    if let Err(e) = joined && e.is_panic() {
+                        tracing::error!(error = %e, "a bot connection task panicked");
+                    }
+                }
             }
         }
 
@@ -758,7 +762,8 @@ impl Delivery {
                 return self.flush().await;
             }
             if reader.is_finished() {
-                return self.reader_ended(reader).await;
+                let read = reader.await;
+                return self.reader_ended(read).await;
             }
             if self.position < *self.head.borrow() {
                 // Still behind: go on reading, but let others run between batches.
@@ -768,7 +773,7 @@ impl Delivery {
             tokio::select! {
                 biased;
                 () = wait_shutdown(shutdown) => return self.flush().await,
-                _ = &mut *reader => return self.reader_ended(reader).await,
+                read = &mut *reader => return self.reader_ended(read).await,
                 answer = self.answers.recv() => if let Some(answer) = answer {
                     self.out.extend_from_slice(&answer);
                 },
@@ -873,12 +878,8 @@ impl Delivery {
 
     /// The bot stopped sending: deliver what is pending (a bot may half-close
     /// and still read its answers), then end.
-    async fn reader_ended(&mut self, reader: &mut JoinHandle<io::Result<()>>) -> End {
-        let read = if reader.is_finished() {
-            reader.await.unwrap_or(Ok(()))
-        } else {
-            Ok(())
-        };
+    async fn reader_ended(&mut self, read: Result<io::Result<()>, JoinError>) -> End {
+        let read = read.unwrap_or_else(|e| Err(io::Error::other(e)));
         match self.flush().await {
             End::Shutdown => match read {
                 Ok(()) => End::Closed,
