@@ -17,6 +17,9 @@ use tokio::sync::watch;
 /// that crashes (no clean shutdown) never hands out a cursor twice.
 pub const CURSOR_LEASE: u64 = 1_000_000;
 
+/// Most ring entries one [`EventLog::read_after`] looks at.
+pub const MAX_SCAN: usize = 16 * 1024;
+
 /// One held dispatch.
 #[derive(Clone)]
 pub struct Entry {
@@ -174,7 +177,10 @@ impl EventLog {
 
     /// Copy (by reference count) the lines of events after cursor `after`
     /// that pass `filter` (bit `event` set), up to about `max_bytes`, into
-    /// `out`.
+    /// `out`. At most [`MAX_SCAN`] entries are looked at per call, so a bot
+    /// with a narrow filter replaying a large ring holds the lock shards
+    /// append under only briefly; callers read again until `after` reaches
+    /// the head.
     pub fn read_after(
         &self,
         after: u64,
@@ -194,7 +200,8 @@ impl EventLog {
         }
         let start = (outcome.after + 1 - oldest) as usize;
         let mut taken = 0usize;
-        for entry in ring.entries.range(start.min(ring.entries.len())..) {
+        let entries = ring.entries.range(start.min(ring.entries.len())..);
+        for entry in entries.take(MAX_SCAN) {
             if taken >= max_bytes {
                 break;
             }
@@ -348,6 +355,23 @@ mod tests {
         let got = lines(&out);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0]["t"], "MESSAGE_CREATE");
+    }
+
+    #[test]
+    fn read_scans_a_bounded_number_of_entries() {
+        let log = EventLog::new(1, 64 << 20);
+        let total = MAX_SCAN as u64 * 2 + 10;
+        for seq in 1..=total {
+            log.append(0, seq, 1, 0, "GUILD_CREATE", b"{}");
+        }
+        let mut out = Vec::new();
+        let first = log.read_after(0, 1 << 1, usize::MAX, &mut out);
+        assert_eq!((first.after, out.len()), (MAX_SCAN as u64, 0));
+        let mut after = first.after;
+        while after < total {
+            after = log.read_after(after, 1 << 1, usize::MAX, &mut out).after;
+        }
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -1,7 +1,35 @@
-//! shardwarden: a daemon that holds a Discord bot's gateway sessions.
+//! shardwarden: a daemon that holds a Discord bot's gateway sessions and
+//! hands every event to the bot over a local Unix socket.
+//!
+//! Read the modules in the order data flows:
+//!
+//! - **Discord facts**: [`gateway`] (opcodes, the close-code table and its
+//!   classes, limits) and [`intents`] (the intent ↔ event table). Everything
+//!   else asks these tables rather than repeating them.
+//! - **Configuration**: [`config`] parses and validates the TOML of
+//!   DESIGN.md §2; [`check`] is `shardwarden check-config`.
+//! - **Shard**: [`shard`] is the actor that owns one gateway session. It uses
+//!   [`compression`] (one inflate context per connection), [`envelope`]
+//!   (parses `op`/`s`/`t` only; `d` stays raw bytes), [`heartbeat`] (timing and
+//!   zombie detection) and [`ratelimit`] (the 120/60 s send limit).
+//! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
+//!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets and
+//!   the session-start budget), restarts crashed actors, detects incidents and
+//!   persists sessions through [`state`] on shutdown.
+//! - **Event log and bot server**: [`hub`] is what the parts share (shard
+//!   statistics, session reports, command channels); [`event_log`] numbers
+//!   every dispatch with a cursor and keeps the replay ring; [`bot_server`]
+//!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
+//!   [`status`] is `shardwarden status`.
+//! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
+//!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
+//!   depends on it.
+pub mod bot_server;
+pub mod check;
 pub mod clock;
 pub mod compression;
 pub mod config;
+pub mod demo;
 pub mod envelope;
 pub mod event_log;
 pub mod gateway;
@@ -9,6 +37,11 @@ pub mod heartbeat;
 pub mod hub;
 pub mod identify_queue;
 pub mod intents;
+pub mod protocol;
 pub mod ratelimit;
+pub mod rest;
 pub mod shard;
 pub mod simulator;
+pub mod state;
+pub mod status;
+pub mod supervisor;

@@ -1,0 +1,1846 @@
+//! The bot server: the Unix socket bots connect to, and one handler per bot
+//! (DESIGN.md §3).
+//!
+//! Each connection is two tasks. The *reader* parses the bot's lines and
+//! answers them; answers go into a small bounded queue, so a bot that sends
+//! faster than it reads is slowed down, not buffered without limit. The
+//! *writer* owns the socket's write half and, on every wake-up, gathers
+//! what is due — queued answers, session reports, a `health` line, and one
+//! batch of dispatch lines read from the event log after the bot's cursor —
+//! into one reused buffer written with a single `write_all`. Shards only
+//! ever append to the log, so a slow bot slows nobody but itself; it holds
+//! at most one batch, and when it falls out of the replay ring it is told
+//! exactly which cursors it lost (`gap`) and goes on.
+//!
+//! Choices the contract leaves open:
+//! - A refused `hello` (`unsupported_version`, `unsubscribed_event`,
+//!   malformed) does not close the connection: the bot may send a corrected
+//!   `hello` until the 5 s hello deadline, then gets `hello_timeout`.
+//! - `resume_from: 0` means "everything held", so it never reports a gap;
+//!   a cursor ahead of `head` starts live at `head` and says so in `welcome`
+//!   (`resume_from_ahead`, `notice`).
+//! - `missed` and `gap` count cursors, whatever their event type: events the
+//!   bot's filter would have skipped are counted too, as the daemon no longer
+//!   knows what they were.
+//! - Op 31 without `shard`/`guild_id` is routed by its `d.guild_ids`: one
+//!   payload per owning shard, answered once (`sent` lists every shard in an
+//!   added `shards` field). If any guild's shard is not owned, nothing is sent.
+//! - `events: []` is allowed (a bot that only wants diagnostics or sends).
+//! - `send` with `shard` or `guild_id` goes to that one shard as is, op 31
+//!   included.
+//! - An `ack` beyond the cursor delivered so far is a `bad_request`; acks
+//!   only move forward (a lower one is ignored).
+//! - `hub.bot_clients` counts bots that completed the handshake.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::{Instant, Interval, MissedTickBehavior, timeout_at};
+
+use crate::hub::{Hub, OutboundCommand, SendRefusal};
+use crate::protocol::{
+    self, ErrorDetail, Hello, MAX_LINE, PROTOCOL_VERSION, ProtocolError, Request, SendRequest,
+    SendTarget, Welcome, code,
+};
+
+/// A bot must send `hello` this soon after connecting (DESIGN.md §3.1).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// At shutdown, how long each bot gets to take what is pending.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Dispatch bytes read from the log per wake-up (one write).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Answers queued for one bot before its reader waits.
+const ANSWER_QUEUE: usize = 256;
+
+/// Queued answers / session reports taken per wake-up.
+const DRAIN_MAX: usize = 256;
+
+/// What the bot server needs to know.
+#[derive(Debug, Clone)]
+pub struct BotServerConfig {
+    /// Path of the Unix socket (`[bot] socket`).
+    pub socket: PathBuf,
+    /// Permission bits of the socket (`[bot] socket_mode`, e.g. `0o660`).
+    pub socket_mode: u32,
+    /// How often diagnostics bots get a `health` line (zero: never).
+    pub health_interval: Duration,
+    /// The daemon's version, sent in `welcome`.
+    pub version: &'static str,
+}
+
+/// What went wrong binding the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BotServerErrorKind {
+    /// The socket's directory could not be created.
+    CreateDir,
+    /// Another process is listening on the socket.
+    InUse,
+    /// The path exists and is not a socket.
+    NotASocket,
+    /// Checking whether the existing socket is live failed.
+    Probe,
+    /// Binding (or moving the new socket into place) failed.
+    Bind,
+    /// Setting the socket's mode failed.
+    Chmod,
+}
+
+/// Binding the bot socket failed.
+#[derive(Debug)]
+pub struct BotServerError {
+    kind: BotServerErrorKind,
+    path: PathBuf,
+    source: Option<io::Error>,
+}
+
+impl BotServerError {
+    fn new(kind: BotServerErrorKind, path: &Path, source: Option<io::Error>) -> Self {
+        BotServerError {
+            kind,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> BotServerErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BotServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        match self.kind {
+            BotServerErrorKind::CreateDir => write!(
+                f,
+                "cannot create the directory of the bot socket {path} ([bot] socket)"
+            )?,
+            BotServerErrorKind::InUse => write!(
+                f,
+                "another process is listening on the bot socket {path}: is shardwarden already running? \
+                 Stop it, or set [bot] socket to another path"
+            )?,
+            BotServerErrorKind::NotASocket => write!(
+                f,
+                "{path} exists and is not a socket; refusing to replace it. \
+                 Remove it, or set [bot] socket to another path"
+            )?,
+            BotServerErrorKind::Probe => {
+                write!(f, "cannot tell whether the bot socket {path} is in use")?
+            }
+            BotServerErrorKind::Bind => write!(f, "cannot listen on the bot socket {path}")?,
+            BotServerErrorKind::Chmod => write!(
+                f,
+                "cannot set the mode of the bot socket {path} ([bot] socket_mode)"
+            )?,
+        }
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BotServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Set the permission bits of the socket at `path` (SIGHUP reload).
+pub fn set_socket_mode(path: &Path, mode: u32) -> io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The listening bot socket.
+pub struct BotServer {
+    listener: UnixListener,
+    cfg: BotServerConfig,
+    hub: Arc<Hub>,
+    /// `(dev, ino)` of the socket file, so shutdown removes only our own.
+    identity: (u64, u64),
+    /// [`HELLO_TIMEOUT`], shortened by tests.
+    hello_timeout: Duration,
+}
+
+impl BotServer {
+    /// Bind the socket. A stale socket file (nothing listening: connect() is
+    /// refused) is replaced; a live one is never taken over. The parent
+    /// directory is created if missing, and the socket gets `socket_mode`
+    /// before anyone can connect to it.
+    pub async fn bind(cfg: BotServerConfig, hub: Arc<Hub>) -> Result<BotServer, BotServerError> {
+        use BotServerErrorKind as Kind;
+        let path = cfg.socket.clone();
+        let fail = |kind, source| BotServerError::new(kind, &path, source);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| fail(Kind::CreateDir, Some(e)))?;
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if !meta.file_type().is_socket() => return Err(fail(Kind::NotASocket, None)),
+            Ok(_) => match UnixStream::connect(&path).await {
+                Ok(_) => return Err(fail(Kind::InUse, None)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "replacing a stale bot socket (nothing listens on it)");
+                }
+                Err(e) => return Err(fail(Kind::Probe, Some(e))),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(Kind::Probe, Some(e))),
+        }
+
+        // Bind under a temporary name, set the mode, then rename into place:
+        // the socket is never reachable with the umask's mode, and a stale
+        // file is replaced in one step.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(|e| fail(Kind::Bind, Some(e)))?;
+        let placed = set_socket_mode(&tmp, cfg.socket_mode)
+            .map_err(|e| fail(Kind::Chmod, Some(e)))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| fail(Kind::Bind, Some(e))));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| fail(Kind::Bind, Some(e)))?;
+        tracing::info!(socket = %path.display(), mode = format_args!("{:o}", cfg.socket_mode), "bot socket listening");
+        Ok(BotServer {
+            listener,
+            cfg,
+            hub,
+            identity: (meta.dev(), meta.ino()),
+            hello_timeout: HELLO_TIMEOUT,
+        })
+    }
+
+    /// The socket's path.
+    pub fn socket_path(&self) -> &Path {
+        &self.cfg.socket
+    }
+
+    /// Change the socket's permission bits (SIGHUP reload).
+    pub fn set_socket_mode(&self, mode: u32) -> io::Result<()> {
+        set_socket_mode(&self.cfg.socket, mode)
+    }
+
+    /// Accept bots until `shutdown` turns true (or its sender goes away);
+    /// each bot runs in its own task. Then stop accepting, remove the
+    /// socket file, give every bot up to [`FLUSH_TIMEOUT`] to take what is
+    /// pending, and close.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let BotServer {
+            listener,
+            cfg,
+            hub,
+            identity,
+            hello_timeout,
+        } = self;
+        let cfg = Arc::new(cfg);
+        let mut bots = JoinSet::new();
+        let mut next_conn = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                () = wait_shutdown(&mut shutdown) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        next_conn += 1;
+                        let bot = serve_bot(next_conn, stream, hub.clone(), cfg.clone(), hello_timeout, shutdown.clone());
+                        bots.spawn(bot);
+                    }
+                    Err(e) => {
+                        // Typically out of file descriptors: back off rather than spin.
+                        tracing::warn!(error = %e, "accepting a bot connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(joined) = bots.join_next(), if !bots.is_empty() => {
+                    if let Err(e) = joined && e.is_panic() {
+                        tracing::error!(error = %e, "a bot connection task panicked");
+                    }
+                }
+            }
+        }
+
+        // New bots get "no such file" / "connection refused" from now on.
+        remove_if_ours(&cfg.socket, identity);
+        drop(listener);
+        let deadline = Instant::now() + FLUSH_TIMEOUT + Duration::from_millis(500);
+        while let Ok(Some(_)) = timeout_at(deadline, bots.join_next()).await {}
+        if !bots.is_empty() {
+            tracing::warn!(
+                bots = bots.len(),
+                "bots still busy after the shutdown flush; closing them"
+            );
+            bots.abort_all();
+            while bots.join_next().await.is_some() {}
+        }
+        tracing::info!(socket = %cfg.socket.display(), "bot server stopped");
+    }
+}
+
+/// Remove the socket file if it is still the one we bound (another daemon
+/// may have replaced it since).
+fn remove_if_ours(path: &Path, identity: (u64, u64)) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == identity => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot remove the bot socket");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Resolves once `shutdown` is true or its sender is gone.
+async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One line read from a bot.
+enum Line<'a> {
+    /// A complete line, `\n` (and a trailing `\r`) removed.
+    Text(&'a [u8]),
+    /// A line over [`MAX_LINE`], discarded; its length.
+    TooLong(usize),
+    /// The bot closed its side.
+    Eof,
+}
+
+/// Splits a bot's bytes into lines of at most [`MAX_LINE`] bytes; longer
+/// lines are skipped up to their newline without being kept.
+struct LineReader {
+    inner: BufReader<OwnedReadHalf>,
+    line: Vec<u8>,
+}
+
+impl LineReader {
+    fn new(read: OwnedReadHalf) -> Self {
+        LineReader {
+            inner: BufReader::with_capacity(16 * 1024, read),
+            line: Vec::new(),
+        }
+    }
+
+    async fn next_line(&mut self) -> io::Result<Line<'_>> {
+        self.line.clear();
+        let mut total = 0usize;
+        let mut too_long = false;
+        loop {
+            let buf = self.inner.fill_buf().await?;
+            if buf.is_empty() {
+                // End of stream: a last line without `\n` still counts.
+                return Ok(match (too_long, total) {
+                    (true, _) => Line::TooLong(total),
+                    (false, 0) => Line::Eof,
+                    (false, _) => Line::Text(trim_cr(&self.line)),
+                });
+            }
+            let (chunk, used, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(at) => (&buf[..at], at + 1, true),
+                None => (buf, buf.len(), false),
+            };
+            total += chunk.len();
+            if !too_long {
+                if total > MAX_LINE {
+                    too_long = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(chunk);
+                }
+            }
+            self.inner.consume(used);
+            if done {
+                return Ok(if too_long {
+                    Line::TooLong(total)
+                } else {
+                    Line::Text(trim_cr(&self.line))
+                });
+            }
+        }
+    }
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn too_long(len: usize) -> ProtocolError {
+    ProtocolError::bad_request(format!(
+        "line of {len} bytes is over the {MAX_LINE}-byte limit; it was discarded"
+    ))
+}
+
+/// What an accepted `hello` settles.
+struct Subscription {
+    client: String,
+    filter: u128,
+    diagnostics: bool,
+    resume_from: Option<u64>,
+}
+
+/// Check a `hello` against the configuration: version and event names.
+fn accept_hello(hello: Hello, hub: &Hub) -> Result<Subscription, ProtocolError> {
+    if hello.v != PROTOCOL_VERSION {
+        return Err(ProtocolError::new(
+            code::UNSUPPORTED_VERSION,
+            format!(
+                "hello says v={}, this daemon speaks bot protocol version {PROTOCOL_VERSION}",
+                hello.v
+            ),
+        ));
+    }
+    let filter = if hello.events.iter().any(|e| e == "*") {
+        hub.all_events_filter()
+    } else {
+        let mut filter = 0u128;
+        let mut unknown = Vec::new();
+        for name in &hello.events {
+            match hub.event_index(name) {
+                Some(bit) => filter |= 1u128 << bit,
+                None => unknown.push(name.clone()),
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(ProtocolError::new(
+                code::UNSUBSCRIBED_EVENT,
+                format!(
+                    "the daemon is not configured to receive {}; configured events: {}. \
+                     Add them to [discord] events (with an intent that delivers them), or ask for [\"*\"]",
+                    unknown.join(", "),
+                    hub.events.join(", ")
+                ),
+            )
+            .with_detail(ErrorDetail {
+                unknown_events: Some(unknown),
+                configured_events: Some(hub.events.clone()),
+                ..ErrorDetail::default()
+            }));
+        }
+        filter
+    };
+    Ok(Subscription {
+        client: hello.client,
+        filter,
+        diagnostics: hello.diagnostics,
+        resume_from: hello.resume_from,
+    })
+}
+
+/// Read lines until a valid `hello`, answering everything else with an
+/// error. `None`: the bot left first.
+async fn handshake(
+    lines: &mut LineReader,
+    write: &mut OwnedWriteHalf,
+    hub: &Hub,
+) -> io::Result<Option<Subscription>> {
+    loop {
+        let refusal = match lines.next_line().await? {
+            Line::Eof => return Ok(None),
+            Line::TooLong(len) => too_long(len),
+            Line::Text(line) if is_blank(line) => continue,
+            Line::Text(line) => match protocol::parse_request(line) {
+                Ok(Request::Hello(hello)) => match accept_hello(hello, hub) {
+                    Ok(subscription) => return Ok(Some(subscription)),
+                    Err(refusal) => refusal,
+                },
+                Ok(request) => {
+                    let id = match request {
+                        Request::Send(send) => Some(send.id),
+                        _ => None,
+                    };
+                    ProtocolError::bad_request(
+                        "send hello first: {\"op\":\"hello\",\"v\":1,\"events\":[...]}",
+                    )
+                    .with_id(id)
+                }
+                Err(refusal) => refusal,
+            },
+        };
+        tracing::debug!(code = refusal.code, message = %refusal.message, "bot request refused before hello");
+        write.write_all(&refusal.line()).await?;
+    }
+}
+
+/// The `welcome` for a subscription, and the cursor delivery starts after.
+fn plan_welcome(hub: &Hub, cfg: &BotServerConfig, resume_from: Option<u64>) -> (Welcome, u64) {
+    let head = hub.log.head();
+    let oldest = hub.log.oldest();
+    let mut shards: Vec<u32> = hub.shards.iter().map(|s| s.shard).collect();
+    shards.sort_unstable();
+    let mut welcome = Welcome {
+        op: "welcome",
+        v: PROTOCOL_VERSION,
+        version: cfg.version,
+        shard_total: hub.shard_total,
+        shards,
+        head,
+        oldest,
+        missed: 0,
+        resume_from_ahead: false,
+        notice: None,
+    };
+    let start = match resume_from {
+        None => head,
+        // Cursors start at 1: 0 asks for everything held, and misses nothing.
+        Some(0) => oldest - 1,
+        Some(cursor) if cursor > head => {
+            welcome.resume_from_ahead = true;
+            welcome.notice = Some(format!(
+                "resume_from {cursor} is ahead of head {head} (a cursor from another daemon, or lost state); \
+                 delivering live events from {head}"
+            ));
+            head
+        }
+        Some(cursor) => {
+            welcome.missed = (oldest - 1).saturating_sub(cursor);
+            cursor
+        }
+    };
+    (welcome, start)
+}
+
+/// Keeps `hub.bot_clients` right however a connection ends.
+struct ClientCount<'a>(&'a Hub);
+
+impl<'a> ClientCount<'a> {
+    fn add(hub: &'a Hub) -> Self {
+        hub.bot_clients.fetch_add(1, Ordering::Relaxed);
+        ClientCount(hub)
+    }
+}
+
+impl Drop for ClientCount<'_> {
+    fn drop(&mut self) {
+        self.0.bot_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One bot connection, from accept to close.
+async fn serve_bot(
+    conn: u64,
+    stream: UnixStream,
+    hub: Arc<Hub>,
+    cfg: Arc<BotServerConfig>,
+    hello_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = LineReader::new(read);
+    let deadline = Instant::now() + hello_timeout;
+    let subscription = tokio::select! {
+        biased;
+        () = wait_shutdown(&mut shutdown) => return,
+        greeted = timeout_at(deadline, handshake(&mut lines, &mut write, &hub)) => match greeted {
+            Ok(Ok(Some(subscription))) => subscription,
+            Ok(Ok(None)) => {
+                tracing::debug!(conn, "bot connection closed before hello");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(conn, error = %e, "bot connection failed before hello");
+                return;
+            }
+            Err(_) => {
+                let waited = hello_timeout.as_secs_f64();
+                tracing::info!(conn, "bot sent no valid hello within {waited} s; closing");
+                let line = ProtocolError::new(
+                    code::HELLO_TIMEOUT,
+                    format!("no valid hello within {waited} s of connecting; closing"),
+                )
+                .line();
+                let _ = tokio::time::timeout(Duration::from_secs(1), write.write_all(&line)).await;
+                let _ = write.shutdown().await;
+                return;
+            }
+        },
+    };
+
+    let (welcome, start) = plan_welcome(&hub, &cfg, subscription.resume_from);
+    let welcomed = tokio::time::timeout(FLUSH_TIMEOUT, write.write_all(&welcome.line())).await;
+    if !matches!(welcomed, Ok(Ok(()))) {
+        tracing::debug!(conn, "bot connection lost while sending welcome");
+        return;
+    }
+    let _count = ClientCount::add(&hub);
+    let client = subscription.client;
+    tracing::info!(
+        conn,
+        client = ?client,
+        resume_from = ?subscription.resume_from,
+        missed = welcome.missed,
+        head = welcome.head,
+        diagnostics = subscription.diagnostics,
+        "bot connected"
+    );
+
+    let (answers_tx, answers_rx) = mpsc::channel(ANSWER_QUEUE);
+    let delivered = Arc::new(AtomicU64::new(start));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut reader = tokio::spawn(read_requests(
+        lines,
+        Requests {
+            conn,
+            hub: hub.clone(),
+            answers: answers_tx,
+            delivered: delivered.clone(),
+            acked: acked.clone(),
+        },
+    ));
+
+    let health = (subscription.diagnostics && !cfg.health_interval.is_zero()).then(|| {
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + cfg.health_interval, cfg.health_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick
+    });
+    let mut delivery = Delivery {
+        conn,
+        client,
+        head: hub.log.subscribe_head(),
+        sessions: subscription.diagnostics.then(|| hub.sessions.subscribe()),
+        hub: hub.clone(),
+        write,
+        filter: subscription.filter,
+        position: start,
+        delivered,
+        answers: answers_rx,
+        health,
+        out: Vec::new(),
+        lines: Vec::new(),
+        events: 0,
+        missed: 0,
+    };
+    let end = delivery.run(&mut reader, &mut shutdown).await;
+    reader.abort();
+
+    let missed = welcome.missed.max(delivery.missed);
+    let position = delivery.delivered.load(Ordering::Relaxed);
+    let client = &delivery.client;
+    let acked = acked.load(Ordering::Relaxed);
+    match &end {
+        End::Io(e) => {
+            tracing::warn!(conn, client = ?client, error = %e, delivered = position, acked, missed, "bot disconnected")
+        }
+        _ => {
+            tracing::info!(conn, client = ?client, reason = end.as_str(), delivered = position, acked, events = delivery.events, missed, "bot disconnected")
+        }
+    }
+}
+
+/// Why a connection ended.
+enum End {
+    /// The bot closed its side.
+    Closed,
+    /// Reading or writing failed.
+    Io(io::Error),
+    /// The daemon is shutting down.
+    Shutdown,
+    /// The bot did not take what was pending in time at shutdown.
+    FlushTimeout,
+}
+
+impl End {
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::Closed => "closed by bot",
+            End::Io(_) => "i/o error",
+            End::Shutdown => "daemon shutdown",
+            End::FlushTimeout => "shutdown flush timed out",
+        }
+    }
+}
+
+/// How a write raced against shutdown ended.
+enum Written {
+    Done(io::Result<()>),
+    DoneAtShutdown(io::Result<()>),
+    TimedOut,
+}
+
+/// The writer side of one bot connection.
+struct Delivery {
+    /// Connection number, for logs.
+    conn: u64,
+    /// The bot's name, for logs.
+    client: String,
+    hub: Arc<Hub>,
+    write: OwnedWriteHalf,
+    /// Bit set over `hub.events`.
+    filter: u128,
+    /// Cursor the next log read starts after.
+    position: u64,
+    /// Cursor up to which events have been handed to the socket (written or
+    /// being written). The reader checks acks against it: a bot may read
+    /// and ack the start of a batch before the whole batch is written.
+    delivered: Arc<AtomicU64>,
+    head: watch::Receiver<u64>,
+    answers: mpsc::Receiver<Bytes>,
+    sessions: Option<broadcast::Receiver<Bytes>>,
+    health: Option<Interval>,
+    /// What the next write sends; reused.
+    out: Vec<u8>,
+    /// One batch of dispatch lines; reused.
+    lines: Vec<Bytes>,
+    /// Dispatches written.
+    events: u64,
+    /// Cursors lost to ring overflow.
+    missed: u64,
+}
+
+impl Delivery {
+    async fn run(
+        &mut self,
+        reader: &mut JoinHandle<io::Result<()>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
+        loop {
+            self.gather();
+            if !self.out.is_empty() {
+                let written = {
+                    let write = self.write.write_all(&self.out);
+                    tokio::pin!(write);
+                    tokio::select! {
+                        biased;
+                        written = &mut write => Written::Done(written),
+                        // Finish this write within the flush budget, then flush the rest.
+                        () = wait_shutdown(shutdown) => {
+                            match timeout_at(Instant::now() + FLUSH_TIMEOUT, write).await {
+                                Ok(written) => Written::DoneAtShutdown(written),
+                                Err(_) => Written::TimedOut,
+                            }
+                        }
+                    }
+                };
+                match written {
+                    Written::Done(Ok(())) => self.committed(),
+                    Written::DoneAtShutdown(Ok(())) => {
+                        self.committed();
+                        return self.flush().await;
+                    }
+                    Written::Done(Err(e)) | Written::DoneAtShutdown(Err(e)) => {
+                        return end_of_write(e);
+                    }
+                    Written::TimedOut => return End::FlushTimeout,
+                }
+            }
+            if *shutdown.borrow() || shutdown.has_changed().is_err() {
+                return self.flush().await;
+            }
+            if reader.is_finished() {
+                let read = reader.await;
+                return self.reader_ended(read).await;
+            }
+            if self.position < *self.head.borrow() {
+                // Still behind: go on reading, but let others run between batches.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = wait_shutdown(shutdown) => return self.flush().await,
+                read = &mut *reader => return self.reader_ended(read).await,
+                answer = self.answers.recv() => if let Some(answer) = answer {
+                    self.out.extend_from_slice(&answer);
+                },
+                _ = self.head.changed() => {}
+                report = next_session(&mut self.sessions) => self.session_report(report),
+                _ = next_tick(&mut self.health) => {
+                    let line = self.hub.health_line();
+                    self.out.extend_from_slice(&line);
+                }
+            }
+        }
+    }
+
+    /// Append what is due to `out`: queued answers, session reports, and one
+    /// batch of dispatches (after a `gap` line if the bot fell out of the ring).
+    fn gather(&mut self) {
+        for _ in 0..DRAIN_MAX {
+            match self.answers.try_recv() {
+                Ok(answer) => self.out.extend_from_slice(&answer),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..DRAIN_MAX {
+            let Some(sessions) = &mut self.sessions else {
+                break;
+            };
+            match sessions.try_recv() {
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                report => self.session_report(report.map_err(|e| match e {
+                    broadcast::error::TryRecvError::Lagged(n) => {
+                        broadcast::error::RecvError::Lagged(n)
+                    }
+                    _ => broadcast::error::RecvError::Closed,
+                })),
+            }
+        }
+        // A bot catching up never waits, so poll its health tick here too.
+        if let Some(tick) = &mut self.health
+            && tick.tick().now_or_never().is_some()
+        {
+            self.out.extend_from_slice(&self.hub.health_line());
+        }
+        let head = *self.head.borrow_and_update();
+        if self.position >= head {
+            return;
+        }
+        let outcome =
+            self.hub
+                .log
+                .read_after(self.position, self.filter, BATCH_BYTES, &mut self.lines);
+        if let Some((from, to)) = outcome.gap {
+            let lost = to + 1 - from;
+            self.missed += lost;
+            tracing::warn!(
+                conn = self.conn,
+                client = ?self.client,
+                from,
+                to,
+                missed = lost,
+                "bot fell out of the replay ring; sending gap"
+            );
+            self.out.extend_from_slice(&protocol::gap_line(from, to));
+        }
+        self.events += self.lines.len() as u64;
+        for line in self.lines.drain(..) {
+            self.out.extend_from_slice(&line);
+        }
+        self.position = outcome.after;
+        self.delivered.store(self.position, Ordering::Relaxed);
+    }
+
+    fn session_report(&mut self, report: Result<Bytes, broadcast::error::RecvError>) {
+        match report {
+            Ok(line) => self.out.extend_from_slice(&line),
+            Err(broadcast::error::RecvError::Lagged(dropped)) => {
+                tracing::debug!(dropped, "diagnostics bot lagged behind session reports");
+                let line = ProtocolError::new(
+                    code::DIAGNOSTICS_LAGGED,
+                    format!(
+                        "{dropped} session reports were dropped because this bot read too slowly"
+                    ),
+                )
+                .with_detail(ErrorDetail {
+                    dropped: Some(dropped),
+                    ..ErrorDetail::default()
+                })
+                .line();
+                self.out.extend_from_slice(&line);
+            }
+            Err(broadcast::error::RecvError::Closed) => self.sessions = None,
+        }
+    }
+
+    /// The last write went out.
+    fn committed(&mut self) {
+        self.out.clear();
+        // One huge event (a big GUILD_CREATE) must not pin its size forever.
+        if self.out.capacity() > 4 * BATCH_BYTES {
+            self.out.shrink_to(BATCH_BYTES);
+        }
+    }
+
+    /// The bot stopped sending: deliver what is pending (a bot may half-close
+    /// and still read its answers), then end.
+    async fn reader_ended(&mut self, read: Result<io::Result<()>, JoinError>) -> End {
+        let read = read.unwrap_or_else(|e| Err(io::Error::other(e)));
+        match self.flush().await {
+            End::Shutdown => match read {
+                Ok(()) => End::Closed,
+                Err(e) => End::Io(e),
+            },
+            other => other,
+        }
+    }
+
+    /// Write everything pending within [`FLUSH_TIMEOUT`], then close.
+    async fn flush(&mut self) -> End {
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            self.gather();
+            if self.out.is_empty() {
+                // A read can end early (bounded scan) with nothing for this
+                // bot's filter: only stop once caught up.
+                if self.position >= *self.head.borrow() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return End::FlushTimeout;
+                }
+                continue;
+            }
+            match timeout_at(deadline, self.write.write_all(&self.out)).await {
+                Ok(Ok(())) => self.committed(),
+                Ok(Err(e)) => return end_of_write(e),
+                Err(_) => return End::FlushTimeout,
+            }
+        }
+        let _ = timeout_at(deadline, self.write.shutdown()).await;
+        End::Shutdown
+    }
+}
+
+fn end_of_write(e: io::Error) -> End {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => End::Closed,
+        _ => End::Io(e),
+    }
+}
+
+async fn next_session(
+    sessions: &mut Option<broadcast::Receiver<Bytes>>,
+) -> Result<Bytes, broadcast::error::RecvError> {
+    match sessions {
+        Some(sessions) => sessions.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_tick(health: &mut Option<Interval>) {
+    match health {
+        Some(tick) => {
+            tick.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The reader side of one bot connection.
+struct Requests {
+    conn: u64,
+    hub: Arc<Hub>,
+    /// Answers to the bot, written by the delivery side.
+    answers: mpsc::Sender<Bytes>,
+    delivered: Arc<AtomicU64>,
+    /// Highest cursor this bot acknowledged.
+    acked: Arc<AtomicU64>,
+}
+
+async fn read_requests(mut lines: LineReader, requests: Requests) -> io::Result<()> {
+    loop {
+        let answer = match lines.next_line().await? {
+            Line::Eof => return Ok(()),
+            Line::TooLong(len) => Some(requests.refused(too_long(len))),
+            Line::Text(line) if is_blank(line) => None,
+            Line::Text(line) => match protocol::parse_request(line) {
+                Ok(request) => requests.handle(request),
+                Err(refusal) => Some(requests.refused(refusal)),
+            },
+        };
+        if let Some(answer) = answer
+            && requests.answers.send(answer).await.is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+impl Requests {
+    fn refused(&self, refusal: ProtocolError) -> Bytes {
+        tracing::debug!(conn = self.conn, code = refusal.code, message = %refusal.message, "bot request refused");
+        refusal.line()
+    }
+
+    /// Act on one request; the answer to send now, if any.
+    fn handle(&self, request: Request) -> Option<Bytes> {
+        match request {
+            Request::Hello(_) => Some(self.refused(ProtocolError::bad_request(
+                "hello was already accepted on this connection; reconnect to change the subscription",
+            ))),
+            Request::Ack { cursor } => {
+                let delivered = self.delivered.load(Ordering::Relaxed);
+                if cursor > delivered {
+                    return Some(self.refused(ProtocolError::bad_request(format!(
+                        "ack {cursor} is beyond what was delivered (up to cursor {delivered})"
+                    ))));
+                }
+                self.acked.fetch_max(cursor, Ordering::Relaxed);
+                self.hub.acked.fetch_max(cursor, Ordering::Relaxed);
+                None
+            }
+            Request::Status => Some(self.hub.health_line()),
+            Request::Send(send) => self.send(send),
+        }
+    }
+
+    fn owned(&self) -> String {
+        let mut owned: Vec<u32> = self.hub.shards.iter().map(|s| s.shard).collect();
+        owned.sort_unstable();
+        format!("it owns {owned:?} of {}", self.hub.shard_total)
+    }
+
+    /// Route a `send` to its shard(s). Refusals known at once are returned;
+    /// otherwise a task waits for the shards' replies and queues the answer,
+    /// so reading goes on meanwhile.
+    fn send(&self, send: SendRequest) -> Option<Bytes> {
+        let SendRequest {
+            id,
+            target,
+            command,
+        } = send;
+        let refuse = |code, message: String| {
+            Some(self.refused(ProtocolError::new(code, message).with_id(Some(id.clone()))))
+        };
+        let hub = &self.hub;
+        let parts: Vec<(u32, String)> = match target {
+            SendTarget::Shard(shard) => {
+                if hub.shard(shard).is_none() {
+                    return refuse(
+                        code::SHARD_NOT_OWNED,
+                        format!(
+                            "shard {shard} is not owned by this daemon ({})",
+                            self.owned()
+                        ),
+                    );
+                }
+                vec![(shard, command.payload)]
+            }
+            SendTarget::Guild(guild) => {
+                let shard = hub.shard_for_guild(guild);
+                if hub.shard(shard).is_none() {
+                    return refuse(
+                        code::SHARD_NOT_OWNED,
+                        format!(
+                            "guild {guild} belongs to shard {shard}, which this daemon does not own ({})",
+                            self.owned()
+                        ),
+                    );
+                }
+                vec![(shard, command.payload)]
+            }
+            SendTarget::GuildIds => {
+                // Checked when parsed.
+                let guilds = command.guild_ids().unwrap_or_default();
+                let mut by_shard: Vec<(u32, Vec<u64>)> = Vec::new();
+                for guild in guilds {
+                    let shard = hub.shard_for_guild(guild);
+                    match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                        Some((_, ids)) => ids.push(guild),
+                        None => by_shard.push((shard, vec![guild])),
+                    }
+                }
+                let unowned: Vec<String> = by_shard
+                    .iter()
+                    .filter(|(shard, _)| hub.shard(*shard).is_none())
+                    .map(|(shard, ids)| format!("{ids:?} → shard {shard}"))
+                    .collect();
+                if !unowned.is_empty() {
+                    return refuse(
+                        code::SHARD_NOT_OWNED,
+                        format!(
+                            "guilds {} are on shards this daemon does not own ({}); nothing was sent",
+                            unowned.join(", "),
+                            self.owned()
+                        ),
+                    );
+                }
+                if by_shard.len() == 1 {
+                    vec![(by_shard[0].0, command.payload)]
+                } else {
+                    by_shard
+                        .iter()
+                        .map(|(shard, ids)| (*shard, command.payload_for_guilds(ids)))
+                        .collect()
+                }
+            }
+        };
+
+        let split = parts.len() > 1;
+        let mut queued = Vec::with_capacity(parts.len());
+        let mut failure: Option<(u32, SendRefusal)> = None;
+        for (shard, payload) in parts {
+            let (reply, replied) = oneshot::channel();
+            let command = OutboundCommand { payload, reply };
+            let refused = match hub.commands.get(&shard).map(|tx| tx.try_send(command)) {
+                Some(Ok(())) => {
+                    queued.push((shard, replied));
+                    continue;
+                }
+                Some(Err(TrySendError::Full(_))) => format!(
+                    "shard {shard}'s command queue is full (it is rate limited or reconnecting); retry later"
+                ),
+                Some(Err(TrySendError::Closed(_))) | None => {
+                    format!("shard {shard} is not running")
+                }
+            };
+            failure = Some((
+                shard,
+                SendRefusal {
+                    code: code::SHARD_UNAVAILABLE,
+                    message: refused,
+                },
+            ));
+            break;
+        }
+        if queued.is_empty() {
+            let (_, refusal) = failure?;
+            return refuse(refusal.code, refusal.message);
+        }
+
+        let answers = self.answers.clone();
+        let conn = self.conn;
+        tokio::spawn(async move {
+            let mut sent = Vec::with_capacity(queued.len());
+            // Parts go out in order; the first one refused is reported.
+            let mut refused: Option<(u32, SendRefusal)> = None;
+            for (shard, replied) in queued {
+                let refusal = match replied.await {
+                    Ok(Ok(())) => {
+                        sent.push(shard);
+                        continue;
+                    }
+                    Ok(Err(refusal)) => refusal,
+                    Err(_) => SendRefusal {
+                        code: code::SHARD_UNAVAILABLE,
+                        message: format!(
+                            "shard {shard} dropped the command without sending it (reconnecting or stopping); retry"
+                        ),
+                    },
+                };
+                refused.get_or_insert((shard, refusal));
+            }
+            let failure = refused.or(failure);
+            let answer = match failure {
+                None => protocol::sent_line(&id, &sent),
+                Some((shard, refusal)) => {
+                    let message = if split {
+                        format!("shard {shard}: {}", refusal.message)
+                    } else {
+                        refusal.message
+                    };
+                    let mut error = ProtocolError::new(refusal.code, message).with_id(Some(id));
+                    if !sent.is_empty() {
+                        error = error.with_detail(ErrorDetail {
+                            sent_shards: Some(sent),
+                            ..ErrorDetail::default()
+                        });
+                    }
+                    tracing::debug!(conn, code = error.code, message = %error.message, "bot send refused");
+                    error.line()
+                }
+            };
+            let _ = answers.send(answer).await;
+        });
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use serde_json::{Value, json};
+    use tokio::io::Lines;
+
+    use super::*;
+    use crate::event_log::EventLog;
+    use crate::hub::{IdentifyBudget, SessionReport, ShardStats};
+
+    const EVENTS: [&str; 3] = ["GUILD_CREATE", "MESSAGE_CREATE", "INTERACTION_CREATE"];
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A guild on shard `shard` of 4: `(guild_id >> 22) % 4`.
+    fn guild_on(shard: u64) -> u64 {
+        (shard + 4 * 1000) << 22
+    }
+
+    struct Daemon {
+        hub: Arc<Hub>,
+        socket: PathBuf,
+        shutdown: watch::Sender<bool>,
+        server: JoinHandle<()>,
+        /// Command channels of shards 0 and 1 (of 4).
+        shards: HashMap<u32, mpsc::Receiver<OutboundCommand>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn hub(ring: usize) -> (Hub, HashMap<u32, mpsc::Receiver<OutboundCommand>>) {
+        let mut commands = HashMap::new();
+        let mut receivers = HashMap::new();
+        for shard in [0, 1] {
+            let (tx, rx) = mpsc::channel(8);
+            commands.insert(shard, tx);
+            receivers.insert(shard, rx);
+        }
+        let hub = Hub {
+            log: EventLog::new(1, ring),
+            shards: vec![Arc::new(ShardStats::new(0)), Arc::new(ShardStats::new(1))],
+            shard_total: 4,
+            events: EVENTS.iter().map(|e| e.to_string()).collect(),
+            sessions: broadcast::channel(4).0,
+            commands,
+            budget: Mutex::new(IdentifyBudget::default()),
+            acked: AtomicU64::new(0),
+            bot_clients: Default::default(),
+        };
+        (hub, receivers)
+    }
+
+    fn config(dir: &Path) -> BotServerConfig {
+        BotServerConfig {
+            socket: dir.join("run/bot.sock"),
+            socket_mode: 0o660,
+            health_interval: Duration::from_millis(50),
+            version: "0.1.0-test",
+        }
+    }
+
+    async fn start(ring: usize) -> Daemon {
+        start_with(ring, HELLO_TIMEOUT).await
+    }
+
+    async fn start_with(ring: usize, hello_timeout: Duration) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, shards) = hub(ring);
+        let hub = Arc::new(hub);
+        let cfg = config(dir.path());
+        let socket = cfg.socket.clone();
+        let mut server = BotServer::bind(cfg, hub.clone()).await.unwrap();
+        server.hello_timeout = hello_timeout;
+        let (shutdown, rx) = watch::channel(false);
+        let server = tokio::spawn(server.run(rx));
+        Daemon {
+            hub,
+            socket,
+            shutdown,
+            server,
+            shards,
+            _dir: dir,
+        }
+    }
+
+    impl Daemon {
+        fn append(&self, event: &str) -> u64 {
+            let index = self.hub.event_index(event).unwrap();
+            self.hub.log.append(0, 1, 1, index, event, b"{\"x\":1}")
+        }
+
+        async fn bot(&self) -> Bot {
+            let (read, write) = UnixStream::connect(&self.socket)
+                .await
+                .unwrap()
+                .into_split();
+            Bot {
+                lines: BufReader::new(read).lines(),
+                write,
+            }
+        }
+
+        /// Wait until `cond` holds (something another task does).
+        async fn until(&self, what: &str, cond: impl Fn(&Hub) -> bool) {
+            let deadline = Instant::now() + WAIT;
+            while !cond(&self.hub) {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    struct Bot {
+        lines: Lines<BufReader<OwnedReadHalf>>,
+        write: OwnedWriteHalf,
+    }
+
+    impl Bot {
+        async fn send_raw(&mut self, bytes: &[u8]) {
+            self.write.write_all(bytes).await.unwrap();
+        }
+
+        async fn send(&mut self, message: Value) {
+            let mut line = serde_json::to_vec(&message).unwrap();
+            line.push(b'\n');
+            self.send_raw(&line).await;
+        }
+
+        async fn next_line(&mut self) -> Option<String> {
+            tokio::time::timeout(WAIT, self.lines.next_line())
+                .await
+                .expect("timed out waiting for a line from the daemon")
+                .unwrap()
+        }
+
+        async fn recv(&mut self) -> Value {
+            let line = self
+                .next_line()
+                .await
+                .expect("daemon closed the connection");
+            serde_json::from_str(&line).unwrap()
+        }
+
+        async fn expect(&mut self, op: &str) -> Value {
+            let message = self.recv().await;
+            assert_eq!(message["op"], op, "{message}");
+            message
+        }
+
+        async fn expect_error(&mut self, code: &str) -> Value {
+            let message = self.expect("error").await;
+            assert_eq!(message["code"], code, "{message}");
+            message
+        }
+
+        async fn hello(&mut self, events: Value, resume_from: Value) -> Value {
+            self.send(json!({"op":"hello","v":1,"client":"test","events":events,"resume_from":resume_from}))
+                .await;
+            self.expect("welcome").await
+        }
+
+        /// The cursors of the next `n` dispatches.
+        async fn dispatches(&mut self, n: usize) -> Vec<u64> {
+            let mut cursors = Vec::with_capacity(n);
+            while cursors.len() < n {
+                let message = self.expect("dispatch").await;
+                cursors.push(message["cursor"].as_u64().unwrap());
+            }
+            cursors
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_gets_welcome_then_live_events_only() {
+        let daemon = start(1 << 20).await;
+        for _ in 0..3 {
+            daemon.append("MESSAGE_CREATE");
+        }
+        let mut bot = daemon.bot().await;
+        let welcome = bot.hello(json!(["*"]), Value::Null).await;
+        assert_eq!(welcome["v"], 1);
+        assert_eq!(welcome["version"], "0.1.0-test");
+        assert_eq!(welcome["shard_total"], 4);
+        assert_eq!(welcome["shards"], json!([0, 1]));
+        assert_eq!(
+            (welcome["head"].as_u64(), welcome["oldest"].as_u64()),
+            (Some(3), Some(1))
+        );
+        assert_eq!(welcome["missed"], 0);
+        assert!(welcome.get("resume_from_ahead").is_none());
+        daemon
+            .until("bot counted", |hub| {
+                hub.bot_clients.load(Ordering::Relaxed) == 1
+            })
+            .await;
+
+        daemon.append("MESSAGE_CREATE");
+        let dispatch = bot.expect("dispatch").await;
+        assert_eq!(dispatch["cursor"], 4);
+        assert_eq!(dispatch["t"], "MESSAGE_CREATE");
+        assert_eq!(dispatch["d"], json!({"x":1}));
+
+        drop(bot);
+        daemon
+            .until("bot uncounted", |hub| {
+                hub.bot_clients.load(Ordering::Relaxed) == 0
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn replays_after_resume_from_then_goes_live() {
+        let daemon = start(1 << 20).await;
+        for _ in 0..5 {
+            daemon.append("MESSAGE_CREATE");
+        }
+        let mut bot = daemon.bot().await;
+        let welcome = bot.hello(json!(["MESSAGE_CREATE"]), json!(2)).await;
+        assert_eq!(welcome["missed"], 0);
+        assert_eq!(bot.dispatches(3).await, vec![3, 4, 5]);
+        daemon.append("MESSAGE_CREATE");
+        assert_eq!(bot.dispatches(1).await, vec![6]);
+    }
+
+    #[tokio::test]
+    async fn resume_from_zero_gets_everything_held() {
+        let daemon = start(1 << 20).await;
+        for _ in 0..3 {
+            daemon.append("GUILD_CREATE");
+        }
+        let mut bot = daemon.bot().await;
+        let welcome = bot.hello(json!(["*"]), json!(0)).await;
+        assert_eq!(welcome["missed"], 0);
+        assert_eq!(bot.dispatches(3).await, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn resume_from_ahead_of_head_goes_live_and_says_so() {
+        let daemon = start(1 << 20).await;
+        daemon.append("GUILD_CREATE");
+        let mut bot = daemon.bot().await;
+        let welcome = bot.hello(json!(["*"]), json!(1000)).await;
+        assert_eq!(welcome["resume_from_ahead"], true);
+        assert!(welcome["notice"].as_str().unwrap().contains("ahead"));
+        daemon.append("GUILD_CREATE");
+        assert_eq!(bot.dispatches(1).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn resume_from_before_the_ring_reports_exact_gap() {
+        let daemon = start(1000).await;
+        for _ in 0..100 {
+            daemon.append("MESSAGE_CREATE");
+        }
+        let oldest = daemon.hub.log.oldest();
+        assert!(oldest > 6);
+        let mut bot = daemon.bot().await;
+        let welcome = bot.hello(json!(["*"]), json!(5)).await;
+        assert_eq!(welcome["oldest"], oldest);
+        assert_eq!(welcome["missed"], oldest - 1 - 5);
+        let gap = bot.expect("gap").await;
+        assert_eq!(
+            gap,
+            json!({"op":"gap","from":6,"to":oldest-1,"missed":oldest-1-5})
+        );
+        let held = (100 - oldest + 1) as usize;
+        assert_eq!(
+            bot.dispatches(held).await,
+            (oldest..=100).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn bot_that_falls_out_of_the_ring_gets_gap_and_goes_on() {
+        let daemon = start(64 * 1024).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        // Far more than the socket buffers and the ring hold, while the bot
+        // does not read.
+        let d = format!("{{\"pad\":\"{}\"}}", "x".repeat(1000));
+        let total = 3000u64;
+        for seq in 1..=total {
+            daemon
+                .hub
+                .log
+                .append(1, seq, 1, 1, "MESSAGE_CREATE", d.as_bytes());
+        }
+        let (mut next, mut gaps, mut received) = (1u64, 0, 0);
+        while next <= total {
+            let message = bot.recv().await;
+            match message["op"].as_str().unwrap() {
+                "dispatch" => {
+                    assert_eq!(message["cursor"], next);
+                    received += 1;
+                    next += 1;
+                }
+                "gap" => {
+                    assert_eq!(message["from"], next, "{message}");
+                    let to = message["to"].as_u64().unwrap();
+                    assert_eq!(message["missed"], to - next + 1);
+                    gaps += 1;
+                    next = to + 1;
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert!(gaps >= 1, "the bot must have fallen out of the ring");
+        assert!(received > 0);
+    }
+
+    #[tokio::test]
+    async fn narrow_filter_replays_across_a_large_ring() {
+        let daemon = start(64 << 20).await;
+        let skipped = crate::event_log::MAX_SCAN as u64 * 2 + 5;
+        for _ in 0..skipped {
+            daemon.append("GUILD_CREATE");
+        }
+        let wanted = daemon.append("INTERACTION_CREATE");
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["INTERACTION_CREATE"]), json!(0)).await;
+        assert_eq!(bot.dispatches(1).await, vec![wanted]);
+        bot.send(json!({"op":"ack","cursor":wanted})).await;
+        daemon
+            .until("ack recorded", |hub| {
+                hub.acked.load(Ordering::Relaxed) == wanted
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn bots_get_only_the_events_they_asked_for() {
+        let daemon = start(1 << 20).await;
+        let mut messages = daemon.bot().await;
+        messages.hello(json!(["MESSAGE_CREATE"]), Value::Null).await;
+        let mut guilds = daemon.bot().await;
+        guilds
+            .hello(json!(["GUILD_CREATE", "INTERACTION_CREATE"]), Value::Null)
+            .await;
+        let g1 = daemon.append("GUILD_CREATE");
+        let m1 = daemon.append("MESSAGE_CREATE");
+        let i1 = daemon.append("INTERACTION_CREATE");
+        let m2 = daemon.append("MESSAGE_CREATE");
+        assert_eq!(messages.dispatches(2).await, vec![m1, m2]);
+        assert_eq!(guilds.dispatches(2).await, vec![g1, i1]);
+        // Nothing else is pending for either.
+        messages.send(json!({"op":"status"})).await;
+        messages.expect("health").await;
+        guilds.send(json!({"op":"status"})).await;
+        guilds.expect("health").await;
+    }
+
+    #[tokio::test]
+    async fn refused_hello_can_be_corrected() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.send(json!({"op":"status"})).await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("send hello first")
+        );
+
+        bot.send(json!({"op":"hello","v":2,"events":["*"]})).await;
+        bot.expect_error("unsupported_version").await;
+
+        bot.send(json!({"op":"hello","v":1,"events":["MESSAGE_CREATE","TYPING_START","NOPE"]}))
+            .await;
+        let error = bot.expect_error("unsubscribed_event").await;
+        assert_eq!(error["unknown_events"], json!(["TYPING_START", "NOPE"]));
+        assert_eq!(error["configured_events"], json!(EVENTS));
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("TYPING_START") && message.contains("GUILD_CREATE"));
+
+        bot.hello(json!(["MESSAGE_CREATE"]), Value::Null).await;
+        bot.send(json!({"op":"hello","v":1,"events":["*"]})).await;
+        bot.expect_error("bad_request").await;
+    }
+
+    #[tokio::test]
+    async fn no_hello_in_time_gets_hello_timeout_and_close() {
+        let daemon = start_with(1 << 20, Duration::from_millis(100)).await;
+        let mut bot = daemon.bot().await;
+        bot.send_raw(b"{\"op\":\"hel").await;
+        bot.expect_error("hello_timeout").await;
+        assert_eq!(bot.next_line().await, None);
+    }
+
+    #[tokio::test]
+    async fn ack_records_progress() {
+        let daemon = start(1 << 20).await;
+        for _ in 0..3 {
+            daemon.append("MESSAGE_CREATE");
+        }
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), json!(0)).await;
+        assert_eq!(bot.dispatches(3).await, vec![1, 2, 3]);
+        bot.send(json!({"op":"ack","cursor":3})).await;
+        daemon
+            .until("ack recorded", |hub| hub.acked.load(Ordering::Relaxed) == 3)
+            .await;
+        bot.send(json!({"op":"ack","cursor":1})).await;
+        bot.send(json!({"op":"ack","cursor":10})).await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(error["message"].as_str().unwrap().contains("beyond"));
+        assert_eq!(daemon.hub.acked.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn status_and_diagnostics() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.send(json!({"op":"hello","v":1,"events":["*"],"diagnostics":true}))
+            .await;
+        bot.expect("welcome").await;
+        // A periodic health line (every 50 ms here).
+        let health = bot.expect("health").await;
+        assert_eq!(health["shards"].as_array().unwrap().len(), 2);
+        assert_eq!(health["bot_clients"], 1);
+
+        daemon.hub.report(&SessionReport::new(1, "resumed"));
+        let session = loop {
+            let message = bot.recv().await;
+            if message["op"] != "health" {
+                break message;
+            }
+        };
+        assert_eq!(session["op"], "session");
+        assert_eq!(
+            (session["shard"].as_u64(), session["event"].as_str()),
+            (Some(1), Some("resumed"))
+        );
+
+        let mut plain = daemon.bot().await;
+        plain.hello(json!(["*"]), Value::Null).await;
+        plain.send(json!({"op":"status"})).await;
+        let health = plain.expect("health").await;
+        assert_eq!(health["shards"][0]["state"], "idle");
+    }
+
+    #[tokio::test]
+    async fn sends_are_checked_before_reaching_a_shard() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+
+        bot.send(json!({"op":"send","id":"h","shard":0,"payload":{"op":1,"d":null}}))
+            .await;
+        let error = bot.expect_error("op_not_allowed").await;
+        assert_eq!(error["id"], "h");
+        assert!(error["message"].as_str().unwrap().contains("heartbeat"));
+        for op in [2, 6, 0, 44] {
+            bot.send(json!({"op":"send","id":op,"shard":0,"payload":{"op":op,"d":{}}}))
+                .await;
+            assert_eq!(bot.expect_error("op_not_allowed").await["id"], op);
+        }
+
+        let big = "x".repeat(4100);
+        bot.send(json!({"op":"send","id":"big","shard":0,"payload":{"op":3,"d":{"s":big}}}))
+            .await;
+        assert_eq!(bot.expect_error("payload_too_large").await["id"], "big");
+
+        bot.send(json!({"op":"send","id":"s3","shard":3,"payload":{"op":3,"d":{}}}))
+            .await;
+        let error = bot.expect_error("shard_not_owned").await;
+        assert_eq!(error["id"], "s3");
+
+        let foreign = guild_on(2).to_string();
+        bot.send(json!({"op":"send","id":"g2","guild_id":foreign,"payload":{"op":8,"d":{}}}))
+            .await;
+        let error = bot.expect_error("shard_not_owned").await;
+        assert!(error["message"].as_str().unwrap().contains("shard 2"));
+
+        bot.send(
+            json!({"op":"send","id":"both","shard":0,"guild_id":"1","payload":{"op":3,"d":{}}}),
+        )
+        .await;
+        bot.expect_error("bad_request").await;
+        bot.send(json!({"op":"send","id":"none","payload":{"op":3,"d":{}}}))
+            .await;
+        bot.expect_error("bad_request").await;
+        bot.send(json!({"op":"send","id":"nopayload","shard":0}))
+            .await;
+        bot.expect_error("bad_request").await;
+    }
+
+    #[tokio::test]
+    async fn send_reaches_the_shard_and_is_answered() {
+        let mut daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+
+        bot.send(json!({"op":"send","id":"a1","shard":0,"payload":{"op":3,"d":{"status":"idle"}}}))
+            .await;
+        let command = daemon.shards.get_mut(&0).unwrap().recv().await.unwrap();
+        assert_eq!(command.payload, r#"{"op":3,"d":{"status":"idle"}}"#);
+        command.reply.send(Ok(())).unwrap();
+        assert_eq!(
+            bot.expect("sent").await,
+            json!({"op":"sent","id":"a1","shard":0})
+        );
+
+        // guild_id (as string and as number) picks the owning shard.
+        let guild = guild_on(1);
+        bot.send(json!({"op":"send","id":"a2","guild_id":guild.to_string(),"payload":{"op":8,"d":{"guild_id":guild.to_string()}}}))
+            .await;
+        let command = daemon.shards.get_mut(&1).unwrap().recv().await.unwrap();
+        assert!(command.payload.starts_with(r#"{"op":8,"#));
+        command
+            .reply
+            .send(Err(SendRefusal {
+                code: "rate_limited",
+                message: "try again in 2 s".into(),
+            }))
+            .unwrap();
+        let error = bot.expect_error("rate_limited").await;
+        assert_eq!(
+            (error["id"].as_str(), error["message"].as_str()),
+            (Some("a2"), Some("try again in 2 s"))
+        );
+
+        bot.send(json!({"op":"send","id":"a3","guild_id":guild,"payload":{"op":4,"d":{}}}))
+            .await;
+        let command = daemon.shards.get_mut(&1).unwrap().recv().await.unwrap();
+        drop(command);
+        assert_eq!(bot.expect_error("shard_unavailable").await["id"], "a3");
+        assert!(daemon.shards[&0].is_empty());
+    }
+
+    #[tokio::test]
+    async fn op31_is_split_per_owning_shard() {
+        let mut daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        let (g0, g1, g0b) = (guild_on(0), guild_on(1), guild_on(0) + 4);
+        bot.send(json!({"op":"send","id":"sb","payload":{"op":31,"d":{"guild_ids":[g0.to_string(), g1, g0b.to_string()]}}}))
+            .await;
+        let to0 = daemon.shards.get_mut(&0).unwrap().recv().await.unwrap();
+        let to1 = daemon.shards.get_mut(&1).unwrap().recv().await.unwrap();
+        let d0: Value = serde_json::from_str(&to0.payload).unwrap();
+        let d1: Value = serde_json::from_str(&to1.payload).unwrap();
+        assert_eq!(
+            d0["d"]["guild_ids"],
+            json!([g0.to_string(), g0b.to_string()])
+        );
+        assert_eq!(d1["d"]["guild_ids"], json!([g1.to_string()]));
+        to0.reply.send(Ok(())).unwrap();
+        to1.reply.send(Ok(())).unwrap();
+        let sent = bot.expect("sent").await;
+        assert_eq!(sent["shards"], json!([0, 1]));
+
+        bot.send(json!({"op":"send","id":"sb2","payload":{"op":31,"d":{"guild_ids":[g0.to_string(), guild_on(3).to_string()]}}}))
+            .await;
+        bot.expect_error("shard_not_owned").await;
+        assert!(
+            daemon.shards[&0].is_empty(),
+            "nothing is sent when a part is not owned"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_bad_request_and_the_connection_stays_usable() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        let mut other = daemon.bot().await;
+        other.hello(json!(["*"]), Value::Null).await;
+
+        bot.send_raw(b"{not json\n").await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(error["message"].as_str().unwrap().contains("invalid JSON"));
+        bot.send_raw(b"{\"op\":\"dance\"}\n").await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(error["message"].as_str().unwrap().contains("unknown op"));
+        bot.send_raw(b"{\"op\":\"ack\",\"cursor\":\"x\"}\n").await;
+        bot.expect_error("bad_request").await;
+        bot.send_raw(b"\xff\xfe\n").await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(error["message"].as_str().unwrap().contains("UTF-8"));
+        let mut long = vec![b'x'; 200 * 1024];
+        long.push(b'\n');
+        bot.send_raw(&long).await;
+        let error = bot.expect_error("bad_request").await;
+        assert!(
+            error["message"].as_str().unwrap().contains("204800 bytes"),
+            "{error}"
+        );
+        bot.send_raw(b"\n  \n").await;
+
+        bot.send(json!({"op":"status"})).await;
+        bot.expect("health").await;
+        let cursor = daemon.append("MESSAGE_CREATE");
+        assert_eq!(bot.dispatches(1).await, vec![cursor]);
+        assert_eq!(other.dispatches(1).await, vec![cursor]);
+    }
+
+    #[tokio::test]
+    async fn a_bot_that_never_reads_blocks_nobody() {
+        let daemon = start(64 << 20).await;
+        let mut stuck = daemon.bot().await;
+        stuck.hello(json!(["*"]), Value::Null).await;
+        let mut reader = daemon.bot().await;
+        reader.hello(json!(["*"]), Value::Null).await;
+
+        let d = format!("{{\"pad\":\"{}\"}}", "x".repeat(200));
+        let started = std::time::Instant::now();
+        for seq in 1..=10_000 {
+            daemon
+                .hub
+                .log
+                .append(0, seq, 1, 1, "MESSAGE_CREATE", d.as_bytes());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "appends never wait on bots"
+        );
+        let got = reader.dispatches(10_000).await;
+        assert!(got.iter().copied().eq(1..=10_000));
+        // The stuck bot is still connected and can catch up.
+        assert_eq!(stuck.dispatches(3).await, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_and_removes_the_socket() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        for _ in 0..50 {
+            daemon.append("MESSAGE_CREATE");
+        }
+        daemon.shutdown.send(true).unwrap();
+        tokio::time::timeout(WAIT, daemon.server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!daemon.socket.exists());
+        assert_eq!(bot.dispatches(50).await, (1..=50).collect::<Vec<_>>());
+        assert_eq!(bot.next_line().await, None);
+    }
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_never_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.socket.parent().unwrap()).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&cfg.socket).unwrap());
+        assert!(cfg.socket.exists(), "a stale socket file is left behind");
+
+        let (hub1, _rx1) = hub(1 << 20);
+        let server = BotServer::bind(cfg.clone(), Arc::new(hub1)).await.unwrap();
+        let mode = std::fs::metadata(&cfg.socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        server.set_socket_mode(0o600).unwrap();
+        let mode = std::fs::metadata(&cfg.socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let (hub2, _rx2) = hub(1 << 20);
+        let err = BotServer::bind(cfg.clone(), Arc::new(hub2))
+            .await
+            .err()
+            .expect("a live socket must not be taken over");
+        assert_eq!(err.kind(), BotServerErrorKind::InUse);
+        assert!(err.to_string().contains("already running"));
+        drop(server);
+
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let (hub3, _rx3) = hub(1 << 20);
+        let err = BotServer::bind(
+            BotServerConfig {
+                socket: file.clone(),
+                ..cfg
+            },
+            Arc::new(hub3),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(err.kind(), BotServerErrorKind::NotASocket);
+        assert!(file.exists());
+    }
+}
