@@ -6,4 +6,5 @@ pub mod event_log;
 pub mod gateway;
 pub mod hub;
 pub mod intents;
+pub mod rest;
 pub mod simulator;
