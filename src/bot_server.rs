@@ -453,8 +453,13 @@ fn accept_hello(hello: Hello, hub: &Hub) -> Result<Subscription, ProtocolError> 
         }
         filter
     };
+    // The name only goes into logs: keep it short.
+    let client = match hello.client.char_indices().nth(64) {
+        Some((end, _)) => hello.client[..end].to_string(),
+        None => hello.client,
+    };
     Ok(Subscription {
-        client: hello.client,
+        client,
         filter,
         diagnostics: hello.diagnostics,
         resume_from: hello.resume_from,

@@ -288,7 +288,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         "status" => Ok(Request::Status),
         "send" => parse_send(obj).map(Request::Send),
         other => Err(ProtocolError::bad_request(format!(
-            "unknown op {other:?} (expected \"hello\", \"ack\", \"send\" or \"status\")"
+            "unknown op {:?} (expected \"hello\", \"ack\", \"send\" or \"status\")",
+            clip(other)
         ))),
     }
 }
@@ -321,7 +322,8 @@ fn parse_send(mut obj: Map<String, Value>) -> Result<SendRequest, ProtocolError>
         None => return Err(bad("send: missing field `payload.op`".into())),
         Some(op) => op.as_u64().ok_or_else(|| {
             bad(format!(
-                "send: `payload.op` must be a gateway opcode (unsigned integer), got {op}"
+                "send: `payload.op` must be a gateway opcode (unsigned integer), got {}",
+                clip(&op.to_string())
             ))
         })?,
     };
@@ -349,7 +351,12 @@ fn parse_send(mut obj: Map<String, Value>) -> Result<SendRequest, ProtocolError>
             shard
                 .as_u64()
                 .and_then(|s| u32::try_from(s).ok())
-                .ok_or_else(|| bad(format!("send: `shard` must be a shard id, got {shard}")))?,
+                .ok_or_else(|| {
+                    bad(format!(
+                        "send: `shard` must be a shard id (u32), got {}",
+                        clip(&shard.to_string())
+                    ))
+                })?,
         ),
     };
     let guild = match obj.get("guild_id") {
@@ -397,7 +404,7 @@ fn snowflake(value: &Value) -> Result<u64, String> {
     match value {
         Value::String(s) => s
             .parse::<u64>()
-            .map_err(|_| format!("{s:?} is not a snowflake (a decimal u64)")),
+            .map_err(|_| format!("{:?} is not a snowflake (a decimal u64)", clip(s))),
         Value::Number(n) => n
             .as_u64()
             .ok_or_else(|| format!("{n} is not a snowflake (a decimal u64)")),
@@ -405,6 +412,14 @@ fn snowflake(value: &Value) -> Result<u64, String> {
             "a snowflake must be a string or a number, got {}",
             kind_of(other)
         )),
+    }
+}
+
+/// At most 40 characters of something a bot sent, for an error message.
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
     }
 }
 
