@@ -34,11 +34,20 @@ pub fn check_config(path: &Path) -> ExitCode {
     match &config.discord.token_source {
         TokenSource::Env(name) => match std::env::var(name) {
             Ok(_) => println!("token       from ${name} (set)"),
-            Err(_) => println!("token       from ${name} (not set in this shell: `run` will fail unless it is set there)"),
+            Err(_) => println!(
+                "token       from ${name} (not set in this shell: `run` will fail unless it is set there)"
+            ),
         },
         TokenSource::File(file) => match config.discord.token_source.load() {
-            Ok(token) => println!("token       from {} ({})", file.display(), token.fingerprint()),
-            Err(_) => println!("token       from {} (not readable here: `run` needs it readable by the service user, e.g. via LoadCredential=)", file.display()),
+            Ok(token) => println!(
+                "token       from {} ({})",
+                file.display(),
+                token.fingerprint()
+            ),
+            Err(_) => println!(
+                "token       from {} (not readable here: `run` needs it readable by the service user, e.g. via LoadCredential=)",
+                file.display()
+            ),
         },
     }
     let total = match config.shards.total {
@@ -49,15 +58,31 @@ pub fn check_config(path: &Path) -> ExitCode {
         (ShardRange::All, _) => "all".to_string(),
         (ShardRange::Span(a, b), _) => format!("{a}..{b} (shards {a}–{}, {} shards)", b - 1, b - a),
     };
-    println!("shards      total {total}, range {range}, identify_reserve {}", config.shards.identify_reserve);
+    println!(
+        "shards      total {total}, range {range}, identify_reserve {}",
+        config.shards.identify_reserve
+    );
     println!(
         "bot socket  {} (mode {:04o}), replay buffer {} bytes",
         config.bot.socket.display(),
         config.bot.socket_mode,
         config.bot.replay_buffer
     );
-    println!("health      every {} s{}", config.health.log_interval.as_secs(), config.health.metrics_listen.as_ref().map(|m| format!(", metrics on {m}")).unwrap_or_default());
-    println!("state dir   {} (sessions younger than {} s are resumed)", config.state.dir.display(), config.state.resume_window.as_secs());
+    println!(
+        "health      every {} s{}",
+        config.health.log_interval.as_secs(),
+        config
+            .health
+            .metrics_listen
+            .as_ref()
+            .map(|m| format!(", metrics on {m}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "state dir   {} (sessions younger than {} s are resumed)",
+        config.state.dir.display(),
+        config.state.resume_window.as_secs()
+    );
     for warning in &plan.warnings {
         println!();
         println!("warning: {warning}");

@@ -56,7 +56,10 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
         // 2026-11-25T10:00:00.123Z
-        assert_eq!(rfc3339_millis(1_795_600_800_123), "2026-11-25T10:00:00.123Z");
+        assert_eq!(
+            rfc3339_millis(1_795_600_800_123),
+            "2026-11-25T10:00:00.123Z"
+        );
         // Leap day.
         assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }

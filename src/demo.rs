@@ -35,7 +35,12 @@ pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("cannot start the simulator: {e}"))?;
-    println!("demo: simulator on {} (gateway {}), daemon socket {}", sim.api_base(), sim.gateway_url(), config.bot.socket.display());
+    println!(
+        "demo: simulator on {} (gateway {}), daemon socket {}",
+        sim.api_base(),
+        sim.gateway_url(),
+        config.bot.socket.display()
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = config.bot.socket.clone();
@@ -84,7 +89,8 @@ async fn traffic(sim: Simulator, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         n += 1;
-        let d: Value = serde_json::from_str(&message_create_payload_seeded(n, 600)).unwrap_or(Value::Null);
+        let d: Value =
+            serde_json::from_str(&message_create_payload_seeded(n, 600)).unwrap_or(Value::Null);
         sim.dispatch((n % 4) as u32, "MESSAGE_CREATE", d);
     }
 }
@@ -92,11 +98,36 @@ async fn traffic(sim: Simulator, mut stop: watch::Receiver<bool>) {
 /// The fault schedule.
 async fn faults(sim: Simulator, mut stop: watch::Receiver<bool>) {
     let schedule: [(u64, u32, Fault, &str); 5] = [
-        (6, 1, Fault::StopAcking, "shard 1 stops getting heartbeat ACKs (zombie)"),
-        (14, 2, Fault::Reconnect, "Discord asks shard 2 to reconnect (op 7)"),
-        (20, 3, Fault::InvalidSession { resumable: true }, "Discord invalidates shard 3's session, resumable (op 9 true)"),
-        (26, 0, Fault::Close(4000), "Discord closes shard 0 with 4000 (resumable)"),
-        (32, 3, Fault::InvalidSession { resumable: false }, "Discord invalidates shard 3's session for good (op 9 false): it must identify"),
+        (
+            6,
+            1,
+            Fault::StopAcking,
+            "shard 1 stops getting heartbeat ACKs (zombie)",
+        ),
+        (
+            14,
+            2,
+            Fault::Reconnect,
+            "Discord asks shard 2 to reconnect (op 7)",
+        ),
+        (
+            20,
+            3,
+            Fault::InvalidSession { resumable: true },
+            "Discord invalidates shard 3's session, resumable (op 9 true)",
+        ),
+        (
+            26,
+            0,
+            Fault::Close(4000),
+            "Discord closes shard 0 with 4000 (resumable)",
+        ),
+        (
+            32,
+            3,
+            Fault::InvalidSession { resumable: false },
+            "Discord invalidates shard 3's session for good (op 9 false): it must identify",
+        ),
     ];
     let start = tokio::time::Instant::now();
     for (at, shard, fault, what) in schedule {
@@ -143,7 +174,14 @@ async fn sample_bot(socket: std::path::PathBuf, mut stop: watch::Receiver<bool>)
             Some("dispatch") => {
                 received += 1;
                 if msg["t"] != "MESSAGE_CREATE" || received % 20 == 0 {
-                    println!("demo-bot: cursor {} shard {} seq {} {} ({} events so far)", msg["cursor"], msg["shard"], msg["seq"], msg["t"].as_str().unwrap_or("?"), received);
+                    println!(
+                        "demo-bot: cursor {} shard {} seq {} {} ({} events so far)",
+                        msg["cursor"],
+                        msg["shard"],
+                        msg["seq"],
+                        msg["t"].as_str().unwrap_or("?"),
+                        received
+                    );
                 }
                 if received % 50 == 0 {
                     let ack = format!("{{\"op\":\"ack\",\"cursor\":{}}}\n", msg["cursor"]);
@@ -154,8 +192,14 @@ async fn sample_bot(socket: std::path::PathBuf, mut stop: watch::Receiver<bool>)
                 "demo-bot: session shard {} {}{}{}",
                 msg["shard"],
                 msg["event"].as_str().unwrap_or("?"),
-                msg["class"].as_str().map(|c| format!(" [{c}]")).unwrap_or_default(),
-                msg["detail"].as_str().map(|d| format!(": {d}")).unwrap_or_default()
+                msg["class"]
+                    .as_str()
+                    .map(|c| format!(" [{c}]"))
+                    .unwrap_or_default(),
+                msg["detail"]
+                    .as_str()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
             ),
             Some("health") => {
                 let shards = msg["shards"].as_array().map(|s| {

@@ -226,9 +226,9 @@ impl EventLog {
             .map_or(ring.next_cursor, |entry| entry.cursor);
         let start = acked.saturating_add(1).saturating_sub(oldest) as usize;
         for entry in ring.entries.range(start.min(ring.entries.len())..) {
-            let current = gens
-                .iter()
-                .any(|&(shard, generation)| shard == entry.shard && generation == entry.session_gen);
+            let current = gens.iter().any(|&(shard, generation)| {
+                shard == entry.shard && generation == entry.session_gen
+            });
             if !current {
                 continue;
             }
@@ -307,7 +307,10 @@ mod tests {
         assert_eq!(v["t"], "MESSAGE_CREATE");
         assert_eq!(v["d"]["content"], "hi \"there\"");
         assert!(out[0].ends_with(b"}\n"));
-        assert!(out[0].windows(d.len()).any(|w| w == d), "d is copied verbatim");
+        assert!(
+            out[0].windows(d.len()).any(|w| w == d),
+            "d is copied verbatim"
+        );
     }
 
     #[test]

@@ -192,7 +192,10 @@ impl ShardStats {
 
     /// The session currently held.
     pub fn session(&self) -> SessionInfo {
-        self.session.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Replace the session (None fields clear it).
@@ -259,10 +262,7 @@ pub struct Hub {
 impl Hub {
     /// The bit of `event` in bot filters, if it is a configured event.
     pub fn event_index(&self, event: &str) -> Option<u8> {
-        self.events
-            .iter()
-            .position(|e| e == event)
-            .map(|i| i as u8)
+        self.events.iter().position(|e| e == event).map(|i| i as u8)
     }
 
     /// Filter that passes every configured event.

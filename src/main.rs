@@ -9,7 +9,11 @@ use shardwarden::config::{Config, LogFormat};
 use shardwarden::supervisor::{self, DaemonOptions};
 
 #[derive(Parser)]
-#[command(name = "shardwarden", version, about = "Holds a Discord bot's gateway sessions and hands events to the bot over a Unix socket")]
+#[command(
+    name = "shardwarden",
+    version,
+    about = "Holds a Discord bot's gateway sessions and hands events to the bot over a Unix socket"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,10 @@ fn init_logging(format: LogFormat, level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -94,7 +101,9 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { config } => shardwarden::check::check_config(&config),
-        Command::Status { socket, json } => runtime.block_on(shardwarden::status::status(&socket, json)),
+        Command::Status { socket, json } => {
+            runtime.block_on(shardwarden::status::status(&socket, json))
+        }
         Command::Demo { seconds, dir } => {
             init_logging(LogFormat::Text, "info");
             match runtime.block_on(shardwarden::demo::run(seconds, &dir)) {

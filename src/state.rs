@@ -90,7 +90,12 @@ impl StateStore {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot read state file {}: {e}", self.path.display())),
+            Err(e) => {
+                return Err(format!(
+                    "cannot read state file {}: {e}",
+                    self.path.display()
+                ));
+            }
         };
         let state: SavedState = serde_json::from_slice(&bytes).map_err(|e| {
             format!(

@@ -25,14 +25,21 @@ pub async fn status(socket: &Path, json: bool) -> ExitCode {
             let healthy = health["shards"]
                 .as_array()
                 .is_some_and(|shards| shards.iter().all(|s| s["state"] == "active"));
-            if healthy { ExitCode::SUCCESS } else { ExitCode::from(EXIT_UNHEALTHY) }
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_UNHEALTHY)
+            }
         }
         Ok(Err(e)) => {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
         Err(_) => {
-            eprintln!("error: the daemon at {} did not answer within 10 s", socket.display());
+            eprintln!(
+                "error: the daemon at {} did not answer within 10 s",
+                socket.display()
+            );
             ExitCode::from(1)
         }
     }
@@ -51,13 +58,22 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
         .write_all(b"{\"op\":\"hello\",\"v\":1,\"client\":\"shardwarden-status\",\"events\":[\"*\"],\"diagnostics\":false,\"resume_from\":null}\n{\"op\":\"status\"}\n")
         .await
         .map_err(|e| format!("cannot write to the daemon: {e}"))?;
-    while let Some(line) = lines.next_line().await.map_err(|e| format!("reading from the daemon: {e}"))? {
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| format!("reading from the daemon: {e}"))?
+    {
         let Ok(value) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
         match value["op"].as_str() {
             Some("health") => return Ok(value),
-            Some("error") => return Err(format!("the daemon refused: {}", value["message"].as_str().unwrap_or("?"))),
+            Some("error") => {
+                return Err(format!(
+                    "the daemon refused: {}",
+                    value["message"].as_str().unwrap_or("?")
+                ));
+            }
             _ => {}
         }
     }
@@ -67,7 +83,15 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
 fn print_table(health: &Value) {
     println!(
         "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
-        "shard", "state", "latency", "seq", "session", "resumes", "identifies", "zombies", "last_close"
+        "shard",
+        "state",
+        "latency",
+        "seq",
+        "session",
+        "resumes",
+        "identifies",
+        "zombies",
+        "last_close"
     );
     let empty = Vec::new();
     let shards = health["shards"].as_array().unwrap_or(&empty);
@@ -80,9 +104,13 @@ fn print_table(health: &Value) {
             "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
             text(&s["shard"]),
             text(&s["state"]),
-            s["latency_ms"].as_u64().map_or("-".to_string(), |ms| format!("{ms} ms")),
+            s["latency_ms"]
+                .as_u64()
+                .map_or("-".to_string(), |ms| format!("{ms} ms")),
             text(&s["seq"]),
-            s["session_age_s"].as_u64().map_or("-".to_string(), |a| format!("{a} s")),
+            s["session_age_s"]
+                .as_u64()
+                .map_or("-".to_string(), |a| format!("{a} s")),
             text(&s["resumes"]),
             text(&s["identifies"]),
             text(&s["zombies"]),

@@ -68,23 +68,31 @@ pub struct DaemonOptions {
 
 /// Run the daemon until shutdown. `Ok` after a clean shutdown.
 pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonError> {
-    let plan = crate::intents::plan(&config.discord.intents, &config.discord.events).map_err(|errors| {
-        DaemonError::config(
-            errors
-                .iter()
-                .map(|e| format!("error: {e}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )
-    })?;
+    let plan = crate::intents::plan(&config.discord.intents, &config.discord.events).map_err(
+        |errors| {
+            DaemonError::config(
+                errors
+                    .iter()
+                    .map(|e| format!("error: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        },
+    )?;
     for warning in &plan.warnings {
         tracing::warn!(event = "config_warning", "{warning}");
     }
     let token = match options.token {
         Some(token) => token,
-        None => config.discord.token_source.load().map_err(DaemonError::config)?,
+        None => config
+            .discord
+            .token_source
+            .load()
+            .map_err(DaemonError::config)?,
     };
-    let api_base = options.api_base.unwrap_or_else(|| config.discord.api_base.clone());
+    let api_base = options
+        .api_base
+        .unwrap_or_else(|| config.discord.api_base.clone());
     crate::config::check_url(&api_base, &["https", "http"])
         .map_err(|e| DaemonError::config(format!("[discord] api_base = {api_base:?}: {e}")))?;
 
@@ -101,7 +109,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let gateway = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300))
         .await
         .map_err(|e| match e.kind {
-            RestErrorKind::Unauthorized | RestErrorKind::Forbidden => DaemonError::config(e.to_string()),
+            RestErrorKind::Unauthorized | RestErrorKind::Forbidden => {
+                DaemonError::config(e.to_string())
+            }
             _ => DaemonError {
                 exit_code: EXIT_FAILURE,
                 message: format!("cannot reach Discord: {e}"),
@@ -121,7 +131,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ShardTotal::Auto => gateway.shards.max(1),
         ShardTotal::Fixed(n) => n,
     };
-    let owned = config.shards.range.resolve(total).map_err(DaemonError::config)?;
+    let owned = config
+        .shards
+        .range
+        .resolve(total)
+        .map_err(DaemonError::config)?;
     tracing::info!(
         shard_total = total,
         owned = owned.len(),
@@ -138,18 +152,34 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let mut first_cursor = 1;
     if let Some(saved) = &saved {
         first_cursor = saved.next_cursor.max(1);
-        let age = Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
+        let age =
+            Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
         if saved.shard_total != total {
-            tracing::warn!(event = "state_ignored", saved_total = saved.shard_total, total, "persisted sessions were for another shard count; identifying");
+            tracing::warn!(
+                event = "state_ignored",
+                saved_total = saved.shard_total,
+                total,
+                "persisted sessions were for another shard count; identifying"
+            );
         } else if age > config.state.resume_window {
-            tracing::warn!(event = "state_ignored", age_s = age.as_secs(), window_s = config.state.resume_window.as_secs(), "persisted sessions are too old to resume; identifying");
+            tracing::warn!(
+                event = "state_ignored",
+                age_s = age.as_secs(),
+                window_s = config.state.resume_window.as_secs(),
+                "persisted sessions are too old to resume; identifying"
+            );
         } else {
             for session in &saved.sessions {
                 if owned.contains(&session.shard) {
                     resumes.insert(session.shard, session.into());
                 }
             }
-            tracing::info!(sessions = resumes.len(), age_s = age.as_secs(), next_cursor = first_cursor, "resuming persisted sessions");
+            tracing::info!(
+                sessions = resumes.len(),
+                age_s = age.as_secs(),
+                next_cursor = first_cursor,
+                "resuming persisted sessions"
+            );
         }
     }
 
@@ -163,7 +193,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     }
     let hub = Arc::new(Hub {
         log: EventLog::new(first_cursor, config.bot.replay_buffer),
-        shards: owned.iter().map(|&s| Arc::new(ShardStats::new(s))).collect(),
+        shards: owned
+            .iter()
+            .map(|&s| Arc::new(ShardStats::new(s)))
+            .collect(),
         shard_total: total,
         events: plan.events.clone(),
         sessions: sessions_tx,
@@ -189,7 +222,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         hub.clone(),
     )
     .await
-    .map_err(|e| DaemonError::config(format!("[bot] socket = {:?}: {e}", config.bot.socket.display())))?;
+    .map_err(|e| {
+        DaemonError::config(format!(
+            "[bot] socket = {:?}: {e}",
+            config.bot.socket.display()
+        ))
+    })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
 
     let queue = Arc::new(IdentifyQueue::new(
@@ -200,7 +238,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
     let mut shards = JoinSet::new();
     for &id in &owned {
-        let mut shard_config = ShardConfig::new(id, total, token.clone(), plan.bits, gateway.url.clone());
+        let mut shard_config =
+            ShardConfig::new(id, total, token.clone(), plan.bits, gateway.url.clone());
         shard_config.compression = config.discord.compression;
         shard_config.large_threshold = config.discord.large_threshold;
         if let Some(min) = options.backoff_min {
@@ -281,7 +320,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     };
 
-    tracing::info!(reason, "shutting down: closing gateway connections resumably and saving sessions");
+    tracing::info!(
+        reason,
+        "shutting down: closing gateway connections resumably and saving sessions"
+    );
     let _ = shutdown_tx.send(true);
     while let Some(joined) = shards.join_next().await {
         if let Ok((id, exit)) = joined {
@@ -299,7 +341,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             path = %store.path().display(),
             "state saved; the next start resumes these sessions"
         ),
-        Err(e) => tracing::error!(path = %store.path().display(), error = %e, "cannot save state: the next start will identify again (check [state] dir permissions)"),
+        Err(e) => {
+            tracing::error!(path = %store.path().display(), error = %e, "cannot save state: the next start will identify again (check [state] dir permissions)")
+        }
     }
     Ok(())
 }
@@ -317,9 +361,21 @@ async fn supervise(mut shard: Shard, id: u32) -> (u32, ShardExit) {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("unknown panic");
-                let base = Duration::from_millis(500).saturating_mul(1 << restarts.min(7)).min(Duration::from_secs(60));
-                let wait = base + Duration::from_millis(rand::rng().random_range(0..=base.as_millis() as u64 / 2));
-                tracing::error!(shard = id, event = "actor_panic", class = "internal", restarts, next_retry_ms = wait.as_millis() as u64, "shard actor panicked ({message}); restarting it with its session intact");
+                let base = Duration::from_millis(500)
+                    .saturating_mul(1 << restarts.min(7))
+                    .min(Duration::from_secs(60));
+                let wait = base
+                    + Duration::from_millis(
+                        rand::rng().random_range(0..=base.as_millis() as u64 / 2),
+                    );
+                tracing::error!(
+                    shard = id,
+                    event = "actor_panic",
+                    class = "internal",
+                    restarts,
+                    next_retry_ms = wait.as_millis() as u64,
+                    "shard actor panicked ({message}); restarting it with its session intact"
+                );
                 tokio::time::sleep(wait).await;
             }
         }
@@ -348,7 +404,9 @@ fn sessions_to_save(hub: &Hub, exits: &[(u32, ShardExit)]) -> Vec<SavedSession> 
                 let seq = unacked
                     .iter()
                     .find(|(shard, _)| shard == id)
-                    .map_or(resume.seq, |&(_, lowest)| lowest.saturating_sub(1).min(resume.seq));
+                    .map_or(resume.seq, |&(_, lowest)| {
+                        lowest.saturating_sub(1).min(resume.seq)
+                    });
                 Some(SavedSession {
                     shard: *id,
                     session_id: resume.session_id.clone(),
@@ -452,15 +510,33 @@ impl IncidentDetector {
                 self.window.as_secs(),
                 shards
             ));
-            tracing::warn!(event = "discord_incident_suspected", class = "incident", shards = shards.len(), owned = self.owned, "{}", line.detail.as_deref().unwrap_or(""));
+            tracing::warn!(
+                event = "discord_incident_suspected",
+                class = "incident",
+                shards = shards.len(),
+                owned = self.owned,
+                "{}",
+                line.detail.as_deref().unwrap_or("")
+            );
             return Some(line);
         }
-        if self.active && hub.shards.iter().all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal)) {
+        if self.active
+            && hub
+                .shards
+                .iter()
+                .all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal))
+        {
             self.active = false;
             self.failures.clear();
             let mut line = SessionReport::new(report.shard, "discord_incident_recovered");
-            line.detail = Some("every shard is active again; normal identify pacing restored".to_string());
-            tracing::info!(event = "discord_incident_recovered", class = "incident", "{}", line.detail.as_deref().unwrap_or(""));
+            line.detail =
+                Some("every shard is active again; normal identify pacing restored".to_string());
+            tracing::info!(
+                event = "discord_incident_recovered",
+                class = "incident",
+                "{}",
+                line.detail.as_deref().unwrap_or("")
+            );
             return Some(line);
         }
         None
@@ -469,7 +545,11 @@ impl IncidentDetector {
 
 /// One summary line for the daemon and one per unhealthy shard.
 fn log_summary(hub: &Hub) {
-    let active = hub.shards.iter().filter(|s| s.state() == ShardState::Active).count();
+    let active = hub
+        .shards
+        .iter()
+        .filter(|s| s.state() == ShardState::Active)
+        .count();
     let budget = *hub.budget.lock().unwrap_or_else(|p| p.into_inner());
     let (ring_bytes, ring_events, evicted) = hub.log.usage();
     let mut latencies: Vec<u64> = hub.shards.iter().filter_map(|s| s.latency_ms()).collect();
@@ -490,7 +570,11 @@ fn log_summary(hub: &Hub) {
         "{active}/{} shards active",
         hub.shards.len()
     );
-    for s in hub.shards.iter().filter(|s| s.state() != ShardState::Active) {
+    for s in hub
+        .shards
+        .iter()
+        .filter(|s| s.state() != ShardState::Active)
+    {
         let (p50, p99) = s.latency_percentiles().unzip();
         tracing::warn!(
             event = "shard_unhealthy",

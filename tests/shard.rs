@@ -28,7 +28,10 @@ async fn identifies_with_token_intents_shard_and_properties() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut out = Vec::new();
     h.hub.log.read_after(0, u128::MAX, usize::MAX, &mut out);
-    let lines: Vec<serde_json::Value> = out.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["t"], "READY");
     assert_eq!(lines.iter().filter(|l| l["t"] == "GUILD_CREATE").count(), 2);
     assert!(matches!(h.stop().await, ShardExit::Shutdown(Some(_))));
@@ -38,33 +41,55 @@ async fn identifies_with_token_intents_shard_and_properties() {
 async fn heartbeats_carry_last_seq_and_answer_op1_at_once() {
     let mut h = start_shard(sim_config(), Compression::ZstdStream, INTENTS, None).await;
     h.ready().await;
-    h.wait("two heartbeats", |s| count_ops(&s.frames(), 1) >= 2).await;
-    let seq = h.hub.shards[0].seq.load(std::sync::atomic::Ordering::Relaxed);
+    h.wait("two heartbeats", |s| count_ops(&s.frames(), 1) >= 2)
+        .await;
+    let seq = h.hub.shards[0]
+        .seq
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(seq >= 3, "READY + 2 GUILD_CREATE");
     let last = h.frames(1).last().cloned().expect("heartbeat");
     assert_eq!(last.json["d"], seq);
     let before = h.frames(1).len();
     let asked_at = std::time::Instant::now();
     h.sim.inject(0, Fault::RequestHeartbeat);
-    h.wait("requested heartbeat", |s| count_ops(&s.frames(), 1) > before).await;
+    h.wait("requested heartbeat", |s| {
+        count_ops(&s.frames(), 1) > before
+    })
+    .await;
     let answer = h.frames(1).into_iter().nth(before).expect("answer");
-    assert!(answer.at.duration_since(asked_at) < Duration::from_millis(300), "op 1 answered at once, not at the next beat");
+    assert!(
+        answer.at.duration_since(asked_at) < Duration::from_millis(300),
+        "op 1 answered at once, not at the next beat"
+    );
     h.stop().await;
 }
 
 #[tokio::test]
 async fn every_compression_mode_reaches_ready() {
-    for compression in [Compression::None, Compression::ZlibStream, Compression::ZstdStream] {
+    for compression in [
+        Compression::None,
+        Compression::ZlibStream,
+        Compression::ZstdStream,
+    ] {
         let mut h = start_shard(sim_config(), compression, INTENTS, None).await;
         h.ready().await;
-        h.sim.dispatch(0, "MESSAGE_CREATE", json!({"content": "x".repeat(5000)}));
+        h.sim
+            .dispatch(0, "MESSAGE_CREATE", json!({"content": "x".repeat(5000)}));
         h.wait("message", |_| true).await;
         let deadline = tokio::time::Instant::now() + WAIT;
         while h.hub.log.head() < 4 {
-            assert!(tokio::time::Instant::now() < deadline, "{compression:?}: message not logged");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{compression:?}: message not logged"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(h.sim.connections()[0].query.contains("compress=zlib-stream"), compression == Compression::ZlibStream);
+        assert_eq!(
+            h.sim.connections()[0]
+                .query
+                .contains("compress=zlib-stream"),
+            compression == Compression::ZlibStream
+        );
         h.stop().await;
     }
 }
@@ -76,7 +101,9 @@ async fn assert_resumes_after(fault: Fault) {
     h.wait("GUILD_CREATEs seen", |_| true).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let session_id = h.sim.sessions()[0].session_id.clone();
-    let seq_before = h.hub.shards[0].seq.load(std::sync::atomic::Ordering::Relaxed);
+    let seq_before = h.hub.shards[0]
+        .seq
+        .load(std::sync::atomic::Ordering::Relaxed);
     h.sim.inject(0, fault.clone());
     h.wait_report("resumed").await;
     let resumes = h.frames(6);
@@ -86,11 +113,20 @@ async fn assert_resumes_after(fault: Fault) {
     assert_eq!(resumes[0].json["d"]["token"], TOKEN);
     assert_eq!(h.frames(2).len(), 1, "{fault:?}: no second IDENTIFY");
     let conns = h.sim.connections();
-    let resume_conn = conns.iter().find(|c| c.conn == resumes[0].conn).expect("resume connection");
-    assert_eq!(resume_conn.path, "/resume", "{fault:?}: resumed on resume_gateway_url");
+    let resume_conn = conns
+        .iter()
+        .find(|c| c.conn == resumes[0].conn)
+        .expect("resume connection");
+    assert_eq!(
+        resume_conn.path, "/resume",
+        "{fault:?}: resumed on resume_gateway_url"
+    );
     assert_eq!(resume_conn.query, "v=10&encoding=json&compress=zlib-stream");
     // The dead connection was not closed with 1000/1001 (that would kill the session).
-    assert!(!matches!(conns[0].close_code_received, Some(1000 | 1001)), "{fault:?}");
+    assert!(
+        !matches!(conns[0].close_code_received, Some(1000 | 1001)),
+        "{fault:?}"
+    );
     h.stop().await;
 }
 
@@ -103,8 +139,17 @@ async fn zombie_connection_is_dropped_and_resumed() {
     assert_eq!(zombie.class, Some("transport"));
     h.wait_report("resumed").await;
     assert_eq!(h.frames(6).len(), 1);
-    assert_eq!(h.sim.connections()[0].close_code_received, Some(4900), "zombie closed with a resumable code");
-    assert_eq!(h.hub.shards[0].zombies.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        h.sim.connections()[0].close_code_received,
+        Some(4900),
+        "zombie closed with a resumable code"
+    );
+    assert_eq!(
+        h.hub.shards[0]
+            .zombies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     h.stop().await;
 }
 
@@ -174,7 +219,10 @@ async fn op9_false_reidentifies_on_main_url_never_resumes() {
     assert_eq!(h.frames(6).len(), 0, "never a RESUME after op 9 false");
     assert_eq!(h.frames(2).len(), 2);
     let conns = h.sim.connections();
-    let second = conns.iter().find(|c| c.conn == h.frames(2)[1].conn).expect("conn");
+    let second = conns
+        .iter()
+        .find(|c| c.conn == h.frames(2)[1].conn)
+        .expect("conn");
     assert_eq!(second.path, "/", "re-identify uses the main gateway URL");
     h.stop().await;
 }
@@ -186,7 +234,10 @@ async fn reidentify_close_codes_start_a_new_session() {
         h.ready().await;
         h.sim.inject(0, Fault::Close(code));
         let closed = h.wait_report("closed").await;
-        assert_eq!((closed.close_code, closed.class), (Some(code), Some("reidentify")));
+        assert_eq!(
+            (closed.close_code, closed.class),
+            (Some(code), Some("reidentify"))
+        );
         h.ready().await;
         assert_eq!(h.frames(6).len(), 0, "{code}: no RESUME");
         assert_eq!(h.frames(2).len(), 2, "{code}: a new IDENTIFY");
@@ -202,7 +253,10 @@ async fn fatal_close_codes_stop_the_shard() {
         h.sim.inject(0, Fault::Close(code));
         let fatal = h.wait_report("fatal").await;
         assert_eq!((fatal.close_code, fatal.class), (Some(code), Some("fatal")));
-        let exit = tokio::time::timeout(WAIT, h.task).await.expect("stops").expect("no panic");
+        let exit = tokio::time::timeout(WAIT, h.task)
+            .await
+            .expect("stops")
+            .expect("no panic");
         assert!(matches!(exit, ShardExit::Fatal { close_code: Some(c), .. } if c == code));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(h.sim.connections().len(), 1, "{code}: never reconnects");
@@ -211,7 +265,10 @@ async fn fatal_close_codes_stop_the_shard() {
 
 #[tokio::test]
 async fn disallowed_privileged_intent_names_the_intent_and_the_fix() {
-    let cfg = SimConfig { allowed_privileged: 0, ..sim_config() };
+    let cfg = SimConfig {
+        allowed_privileged: 0,
+        ..sim_config()
+    };
     let mut h = start_shard(cfg, Compression::ZlibStream, INTENTS, None).await;
     let fatal = h.wait_report("fatal").await;
     assert_eq!(fatal.close_code, Some(4014));
@@ -226,21 +283,42 @@ async fn persisted_session_is_resumed_not_identified() {
     let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
     h.ready().await;
     let sim = h.sim.clone();
-    let ShardExit::Shutdown(Some(resume)) = h.stop().await else { panic!("resumable shutdown") };
+    let ShardExit::Shutdown(Some(resume)) = h.stop().await else {
+        panic!("resumable shutdown")
+    };
     assert_eq!(sim.connections()[0].close_code_received, Some(4900));
-    let mut h2 = start_shard_on(sim.clone(), Compression::ZlibStream, INTENTS, Some(resume.clone())).await;
+    let mut h2 = start_shard_on(
+        sim.clone(),
+        Compression::ZlibStream,
+        INTENTS,
+        Some(resume.clone()),
+    )
+    .await;
     h2.wait_report("resumed").await;
     assert_eq!(count_ops(&sim.frames(), 2), 1, "no second IDENTIFY");
-    let resume_frame = sim.frames().into_iter().find(|f| f.op == 6).expect("RESUME");
-    assert_eq!(resume_frame.json["d"]["session_id"], resume.session_id.as_str());
+    let resume_frame = sim
+        .frames()
+        .into_iter()
+        .find(|f| f.op == 6)
+        .expect("RESUME");
+    assert_eq!(
+        resume_frame.json["d"]["session_id"],
+        resume.session_id.as_str()
+    );
     assert_eq!(resume_frame.json["d"]["seq"], resume.seq);
     h2.stop().await;
 }
 
 #[tokio::test]
 async fn expired_persisted_session_falls_back_to_identify() {
-    let sim = shardwarden::simulator::Simulator::start(sim_config()).await.expect("sim");
-    let stale = ResumeState { session_id: "gone".into(), resume_url: sim.resume_url(), seq: 10 };
+    let sim = shardwarden::simulator::Simulator::start(sim_config())
+        .await
+        .expect("sim");
+    let stale = ResumeState {
+        session_id: "gone".into(),
+        resume_url: sim.resume_url(),
+        seq: 10,
+    };
     let mut h = start_shard_on(sim, Compression::ZlibStream, INTENTS, Some(stale)).await;
     h.ready().await;
     assert_eq!(h.frames(6).len(), 1, "tried the resume once");
@@ -250,18 +328,32 @@ async fn expired_persisted_session_falls_back_to_identify() {
 
 #[tokio::test]
 async fn unreachable_resume_url_falls_back_to_main_url() {
-    let sim = shardwarden::simulator::Simulator::start(sim_config()).await.expect("sim");
+    let sim = shardwarden::simulator::Simulator::start(sim_config())
+        .await
+        .expect("sim");
     // A resume URL nothing listens on: the connect fails, the shard resumes via the main URL.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_url = format!("ws://{}/resume", dead.local_addr().expect("addr"));
     drop(dead);
-    let session = ResumeState { session_id: "whatever".into(), resume_url: dead_url, seq: 3 };
+    let session = ResumeState {
+        session_id: "whatever".into(),
+        resume_url: dead_url,
+        seq: 3,
+    };
     let mut h = start_shard_on(sim, Compression::ZlibStream, INTENTS, Some(session)).await;
     h.ready().await;
     let resume = h.frames(6);
     assert_eq!(resume.len(), 1);
-    let conn = h.sim.connections().into_iter().find(|c| c.conn == resume[0].conn).expect("conn");
-    assert_eq!(conn.path, "/", "resume attempted on the main URL after the resume URL failed");
+    let conn = h
+        .sim
+        .connections()
+        .into_iter()
+        .find(|c| c.conn == resume[0].conn)
+        .expect("conn");
+    assert_eq!(
+        conn.path, "/",
+        "resume attempted on the main URL after the resume URL failed"
+    );
     h.stop().await;
 }
 
@@ -270,13 +362,22 @@ async fn bot_command_goes_out_on_the_shard() {
     let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
     h.ready().await;
     let (reply, rx) = tokio::sync::oneshot::channel();
-    let payload = json!({"op": 3, "d": {"since": null, "activities": [], "status": "idle", "afk": false}}).to_string();
+    let payload =
+        json!({"op": 3, "d": {"since": null, "activities": [], "status": "idle", "afk": false}})
+            .to_string();
     h.commands
         .send(shardwarden::hub::OutboundCommand { payload, reply })
         .await
         .expect("send");
-    assert_eq!(tokio::time::timeout(WAIT, rx).await.expect("answered").expect("reply"), Ok(()));
-    h.wait("presence update", |s| count_ops(&s.frames(), 3) == 1).await;
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx)
+            .await
+            .expect("answered")
+            .expect("reply"),
+        Ok(())
+    );
+    h.wait("presence update", |s| count_ops(&s.frames(), 3) == 1)
+        .await;
     assert_eq!(h.frames(3)[0].json["d"]["status"], "idle");
     h.stop().await;
 }

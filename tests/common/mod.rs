@@ -32,7 +32,11 @@ pub fn sim_config() -> SimConfig {
     }
 }
 
-pub fn hub(shards: &[u32], total: u32, events: &[&str]) -> (Arc<Hub>, HashMap<u32, mpsc::Receiver<OutboundCommand>>) {
+pub fn hub(
+    shards: &[u32],
+    total: u32,
+    events: &[&str],
+) -> (Arc<Hub>, HashMap<u32, mpsc::Receiver<OutboundCommand>>) {
     let (sessions, _) = broadcast::channel(1024);
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
@@ -43,7 +47,10 @@ pub fn hub(shards: &[u32], total: u32, events: &[&str]) -> (Arc<Hub>, HashMap<u3
     }
     let hub = Arc::new(Hub {
         log: EventLog::new(1, 64 << 20),
-        shards: shards.iter().map(|&s| Arc::new(ShardStats::new(s))).collect(),
+        shards: shards
+            .iter()
+            .map(|&s| Arc::new(ShardStats::new(s)))
+            .collect(),
         shard_total: total,
         events: events.iter().map(|e| e.to_string()).collect(),
         sessions,
@@ -69,13 +76,27 @@ pub struct ShardHarness {
     pub commands: mpsc::Sender<OutboundCommand>,
 }
 
-pub async fn start_shard(sim_cfg: SimConfig, compression: Compression, intents: u64, resume: Option<ResumeState>) -> ShardHarness {
+pub async fn start_shard(
+    sim_cfg: SimConfig,
+    compression: Compression,
+    intents: u64,
+    resume: Option<ResumeState>,
+) -> ShardHarness {
     let sim = Simulator::start(sim_cfg).await.expect("simulator starts");
     start_shard_on(sim, compression, intents, resume).await
 }
 
-pub async fn start_shard_on(sim: Simulator, compression: Compression, intents: u64, resume: Option<ResumeState>) -> ShardHarness {
-    let (hub, mut receivers) = hub(&[0], 1, &["READY", "RESUMED", "GUILD_CREATE", "MESSAGE_CREATE"]);
+pub async fn start_shard_on(
+    sim: Simulator,
+    compression: Compression,
+    intents: u64,
+    resume: Option<ResumeState>,
+) -> ShardHarness {
+    let (hub, mut receivers) = hub(
+        &[0],
+        1,
+        &["READY", "RESUMED", "GUILD_CREATE", "MESSAGE_CREATE"],
+    );
     let queue = Arc::new(IdentifyQueue::new(1, 0, hub.clone()));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (report_tx, reports) = mpsc::unbounded_channel();
@@ -96,16 +117,35 @@ pub async fn start_shard_on(sim: Simulator, compression: Compression, intents: u
         resume,
     );
     let task = tokio::spawn(async move { shard.run().await });
-    ShardHarness { sim, hub, shutdown, reports, task, commands }
+    ShardHarness {
+        sim,
+        hub,
+        shutdown,
+        reports,
+        task,
+        commands,
+    }
 }
 
 impl ShardHarness {
     pub fn frames(&self, op: u8) -> Vec<ClientFrame> {
-        self.sim.frames().into_iter().filter(|f| f.op == op).collect()
+        self.sim
+            .frames()
+            .into_iter()
+            .filter(|f| f.op == op)
+            .collect()
     }
 
     pub async fn wait(&self, what: &str, f: impl Fn(&Simulator) -> bool) {
-        assert!(self.sim.wait_until(f, WAIT).await, "timed out waiting for {what}; frames: {:?}", self.sim.frames().iter().map(|f| (f.conn, f.op)).collect::<Vec<_>>());
+        assert!(
+            self.sim.wait_until(f, WAIT).await,
+            "timed out waiting for {what}; frames: {:?}",
+            self.sim
+                .frames()
+                .iter()
+                .map(|f| (f.conn, f.op))
+                .collect::<Vec<_>>()
+        );
     }
 
     pub async fn wait_report(&mut self, event: &str) -> SessionReport {
@@ -126,7 +166,10 @@ impl ShardHarness {
 
     pub async fn stop(self) -> ShardExit {
         let _ = self.shutdown.send(true);
-        tokio::time::timeout(WAIT, self.task).await.expect("shard stops").expect("no panic")
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("shard stops")
+            .expect("no panic")
     }
 }
 
