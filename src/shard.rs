@@ -54,7 +54,10 @@ pub struct ShardConfig {
     pub connect_timeout: Duration,
     /// Limit on waiting for HELLO after connecting.
     pub hello_timeout: Duration,
-    /// Shortest and longest reconnect backoff.
+    /// Largest message accepted, compressed or inflated; a larger one drops
+    /// the connection and the shard resumes.
+    pub max_message_size: usize,
+    /// Shortest reconnect backoff.
     pub backoff_min: Duration,
     /// Longest reconnect backoff.
     pub backoff_max: Duration,
@@ -73,6 +76,7 @@ impl ShardConfig {
             gateway_url,
             connect_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(20),
+            max_message_size: MAX_WS_MESSAGE,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
         }
@@ -149,6 +153,8 @@ pub struct Shard {
     supervisor: mpsc::UnboundedSender<SessionReport>,
     /// Consecutive failed attempts since the last healthy session.
     attempt: u32,
+    /// Consecutive connections lost to an oversized payload at this seq.
+    oversize_strikes: (u64, u32),
 }
 
 type WsStream =
@@ -182,6 +188,7 @@ impl Shard {
             shutdown,
             supervisor,
             attempt: 0,
+            oversize_strikes: (0, 0),
         }
     }
 
@@ -309,8 +316,8 @@ impl Shard {
                 None,
             );
             let ws_config = WebSocketConfig::default()
-                .max_message_size(Some(MAX_WS_MESSAGE))
-                .max_frame_size(Some(MAX_WS_MESSAGE));
+                .max_message_size(Some(self.config.max_message_size))
+                .max_frame_size(Some(self.config.max_message_size));
             let connect =
                 tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), true);
             let ws = tokio::select! {
@@ -530,6 +537,9 @@ impl Shard {
                             detail: "connection ended without a close frame".to_string(),
                             immediately: false,
                         },
+                        Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                            break self.oversized(format!("a message from Discord is over the {} byte limit ({e})", self.config.max_message_size));
+                        }
                         Some(Err(e)) => break Disconnect::Resume {
                             event: "closed",
                             close_code: None,
@@ -541,6 +551,10 @@ impl Shard {
                             let complete = conn.inflater.push(&frame, &mut conn.buf);
                             match complete {
                                 Ok(false) => {}
+                                Ok(true) if conn.buf.len() > self.config.max_message_size => {
+                                    close(&mut sink, gateway::CLOSE_RESUMABLE, "oversized payload").await;
+                                    break self.oversized(format!("a payload inflated to {} bytes, over the {} byte limit", conn.buf.len(), self.config.max_message_size));
+                                }
                                 Ok(true) => {
                                     let payload = std::mem::take(&mut conn.buf);
                                     let result = self.handle_payload(&mut sink, &mut conn, &payload).await;
@@ -587,6 +601,34 @@ impl Shard {
             }));
         }
         (outcome, conn.active)
+    }
+
+    /// A payload over the size limit. Resuming replays it, so the same seq
+    /// failing three times in a row means this session cannot continue:
+    /// start a new one, and say loudly that events were skipped.
+    fn oversized(&mut self, what: String) -> Disconnect {
+        let (seq, strikes) = self.oversize_strikes;
+        let strikes = if seq == self.seq { strikes + 1 } else { 1 };
+        self.oversize_strikes = (self.seq, strikes);
+        if strikes >= 3 && self.session.is_some() {
+            self.oversize_strikes = (0, 0);
+            return Disconnect::Reidentify {
+                event: "closed",
+                close_code: None,
+                detail: format!(
+                    "{what}, and resuming replays it ({strikes} times after seq {}): giving up this session, so the events Discord holds after seq {} are lost (raise the limit if such payloads are legitimate)",
+                    self.seq, self.seq
+                ),
+                invalid_session: false,
+            };
+        }
+        Disconnect::Resume {
+            event: "closed",
+            close_code: None,
+            class: CloseClass::Transport,
+            detail: format!("{what}; dropping the connection"),
+            immediately: false,
+        }
     }
 
     /// What a close frame from Discord means (facts §3.1, one table).

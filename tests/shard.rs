@@ -10,7 +10,7 @@ use common::*;
 use serde_json::json;
 use shardwarden::compression::Compression;
 use shardwarden::shard::{ResumeState, ShardExit};
-use shardwarden::simulator::{Fault, SimConfig};
+use shardwarden::simulator::{Fault, SimConfig, Simulator};
 
 #[tokio::test]
 async fn identifies_with_token_intents_shard_and_properties() {
@@ -96,7 +96,12 @@ async fn every_compression_mode_reaches_ready() {
 
 /// A fault that must end in a RESUME on the resume URL with the last seq.
 async fn assert_resumes_after(fault: Fault) {
-    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    // A 1 MiB message limit so the oversized case stays cheap.
+    let mut h = start_shard_with(sim, Compression::ZlibStream, INTENTS, None, |c| {
+        c.max_message_size = 1 << 20
+    })
+    .await;
     h.ready().await;
     h.wait("GUILD_CREATEs seen", |_| true).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -178,8 +183,23 @@ async fn transport_faults_resume() {
 }
 
 #[tokio::test]
-async fn oversized_frame_resumes() {
-    assert_resumes_after(Fault::Oversized(40 << 20)).await;
+async fn oversized_frame_resumes_then_gives_up_the_session_if_replayed() {
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    let mut h = start_shard_with(sim, Compression::ZlibStream, INTENTS, None, |c| {
+        c.max_message_size = 1 << 20
+    })
+    .await;
+    h.ready().await;
+    h.sim.inject(0, Fault::Oversized(2 << 20));
+    let closed = h.wait_report("closed").await;
+    assert_eq!(closed.class, Some("transport"));
+    assert!(closed.detail.unwrap_or_default().contains("limit"));
+    // The oversized dispatch is replayed on every resume; after three
+    // strikes the shard starts a new session instead of looping.
+    h.ready().await;
+    assert!(h.frames(6).len() >= 2, "resumed first");
+    assert_eq!(h.frames(2).len(), 2, "then identified once more");
+    h.stop().await;
 }
 
 #[tokio::test]
@@ -286,7 +306,14 @@ async fn persisted_session_is_resumed_not_identified() {
     let ShardExit::Shutdown(Some(resume)) = h.stop().await else {
         panic!("resumable shutdown")
     };
-    assert_eq!(sim.connections()[0].close_code_received, Some(4900));
+    assert!(
+        sim.wait_until(
+            |s| s.connections()[0].close_code_received == Some(4900),
+            WAIT
+        )
+        .await,
+        "shutdown closes with a resumable code, not 1000/1001"
+    );
     let mut h2 = start_shard_on(
         sim.clone(),
         Compression::ZlibStream,

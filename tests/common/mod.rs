@@ -92,6 +92,16 @@ pub async fn start_shard_on(
     intents: u64,
     resume: Option<ResumeState>,
 ) -> ShardHarness {
+    start_shard_with(sim, compression, intents, resume, |_| {}).await
+}
+
+pub async fn start_shard_with(
+    sim: Simulator,
+    compression: Compression,
+    intents: u64,
+    resume: Option<ResumeState>,
+    tweak: impl FnOnce(&mut ShardConfig),
+) -> ShardHarness {
     let (hub, mut receivers) = hub(
         &[0],
         1,
@@ -104,6 +114,7 @@ pub async fn start_shard_on(
     config.compression = compression;
     config.backoff_min = Duration::from_millis(20);
     config.backoff_max = Duration::from_millis(200);
+    tweak(&mut config);
     let stats = hub.shards[0].clone();
     let commands = hub.commands[&0].clone();
     let mut shard = Shard::new(
@@ -153,7 +164,10 @@ impl ShardHarness {
         loop {
             match tokio::time::timeout_at(deadline, self.reports.recv()).await {
                 Ok(Some(r)) if r.event == event => return r,
-                Ok(Some(_)) => {}
+                Ok(Some(other)) => eprintln!(
+                    "report: {} {:?} {:?}",
+                    other.event, other.class, other.detail
+                ),
                 Ok(None) => panic!("shard ended before reporting {event}"),
                 Err(_) => panic!("timed out waiting for session event {event}"),
             }
