@@ -173,7 +173,7 @@ async fn sample_bot(socket: std::path::PathBuf, mut stop: watch::Receiver<bool>)
         match msg["op"].as_str() {
             Some("dispatch") => {
                 received += 1;
-                if msg["t"] != "MESSAGE_CREATE" || received % 20 == 0 {
+                if msg["t"] != "MESSAGE_CREATE" || received.is_multiple_of(20) {
                     println!(
                         "demo-bot: cursor {} shard {} seq {} {} ({} events so far)",
                         msg["cursor"],
@@ -183,7 +183,7 @@ async fn sample_bot(socket: std::path::PathBuf, mut stop: watch::Receiver<bool>)
                         received
                     );
                 }
-                if received % 50 == 0 {
+                if received.is_multiple_of(50) {
                     let ack = format!("{{\"op\":\"ack\",\"cursor\":{}}}\n", msg["cursor"]);
                     let _ = write.write_all(ack.as_bytes()).await;
                 }
