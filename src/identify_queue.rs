@@ -118,3 +118,102 @@ impl IdentifyQueue {
         budget.resets_at_ms = crate::clock::unix_millis() + 24 * 3600 * 1000;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_log::EventLog;
+    use crate::hub::IdentifyBudget;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU64;
+    use tokio::sync::broadcast;
+
+    fn hub(remaining: u32, total: u32, reset_in_ms: u64) -> Arc<Hub> {
+        Arc::new(Hub {
+            log: EventLog::new(1, 1 << 20),
+            shards: Vec::new(),
+            shard_total: 4,
+            events: Vec::new(),
+            sessions: broadcast::channel(16).0,
+            commands: HashMap::new(),
+            budget: std::sync::Mutex::new(IdentifyBudget {
+                remaining,
+                total,
+                resets_at_ms: crate::clock::unix_millis() + reset_in_ms,
+                max_concurrency: 2,
+            }),
+            acked: AtomicU64::new(0),
+            bot_clients: Default::default(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_identify_per_bucket_per_five_seconds_buckets_in_parallel() {
+        let queue = Arc::new(IdentifyQueue::new(2, 0, hub(1000, 1000, 86_400_000)));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for shard in 0..6u32 {
+            let queue = queue.clone();
+            tasks.push(tokio::spawn(async move {
+                queue.acquire(shard).await;
+                (shard, Instant::now().duration_since(start))
+            }));
+            // Shards are started in order.
+            tokio::task::yield_now().await;
+        }
+        let mut got = Vec::new();
+        for task in tasks {
+            got.push(task.await.expect("task"));
+        }
+        let secs: Vec<(u32, u64)> = got.iter().map(|&(s, d)| (s, d.as_secs())).collect();
+        assert_eq!(secs, vec![(0, 0), (1, 0), (2, 5), (3, 5), (4, 10), (5, 10)]);
+        let budget = *queue.hub.budget.lock().unwrap();
+        assert_eq!(
+            budget.remaining, 994,
+            "each identify spends one session start"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stretch_slows_reidentifies() {
+        let queue = IdentifyQueue::new(1, 0, hub(1000, 1000, 86_400_000));
+        queue.set_stretch(300);
+        let start = Instant::now();
+        queue.acquire(0).await;
+        queue.acquire(0).await;
+        assert_eq!(
+            Instant::now().duration_since(start),
+            Duration::from_secs(15)
+        );
+        queue.set_stretch(100);
+        queue.acquire(0).await;
+        assert_eq!(
+            Instant::now().duration_since(start),
+            Duration::from_secs(20)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_at_reserve_reports_fatal_and_waits_for_the_reset() {
+        let hub = hub(25, 1000, 3_600_000);
+        let mut sessions = hub.sessions.subscribe();
+        let queue = Arc::new(IdentifyQueue::new(1, 25, hub.clone()));
+        let start = Instant::now();
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.acquire(7).await }
+        });
+        let line = sessions.recv().await.expect("fatal report");
+        let report: serde_json::Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(report["event"], "fatal");
+        assert_eq!(report["shard"], 7);
+        let detail = report["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("25 of 1000"), "{detail}");
+        assert!(detail.contains("resets at"), "{detail}");
+        assert!(!waiter.is_finished());
+        waiter.await.expect("identifies after the reset");
+        let waited = Instant::now().duration_since(start);
+        assert!(waited >= Duration::from_secs(3599), "waited {waited:?}");
+        assert_eq!(hub.budget.lock().unwrap().remaining, 999);
+    }
+}

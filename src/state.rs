@@ -118,7 +118,10 @@ impl StateStore {
     pub fn save(&self, state: &SavedState) -> std::io::Result<()> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".state.json.{}.tmp", std::process::id()));
+        // Unique per write, so two writers never rename each other's file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".state.json.{}.{n}.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
         file.sync_all()?;

@@ -330,7 +330,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             exits.push((id, exit));
         }
     }
-    persister.abort();
+    // The persister stops on the shutdown signal; wait so its last write
+    // cannot land after (and over) the final one.
+    let _ = persister.await;
     let _ = server_task.await;
     let sessions = sessions_to_save(&hub, &exits);
     let state = SavedState::new(hub.log.next_cursor(), total, sessions);
@@ -457,7 +459,7 @@ async fn persist_loop(
     }
 }
 
-/// Correlated failure detection: when at least half the shards (and at
+/// Correlated failure detection: when more than half the shards (and at
 /// least two) lose their connections within a short window, Discord is the
 /// likelier culprit than this host.
 struct IncidentDetector {
@@ -472,14 +474,15 @@ impl IncidentDetector {
     fn new(owned: usize) -> Self {
         IncidentDetector {
             owned,
-            window: Duration::from_secs(30),
+            window: Duration::from_secs(20),
             failures: VecDeque::new(),
             active: false,
         }
     }
 
+    /// More than half the shards, and at least two.
     fn threshold(&self) -> usize {
-        (self.owned.div_ceil(2)).max(2)
+        (self.owned / 2 + 1).max(2)
     }
 
     /// Feed one report; returns a diagnostic to publish when the incident
