@@ -601,6 +601,26 @@ async fn serve_bot(
         tracing::debug!(conn, "bot connection lost while sending welcome");
         return;
     }
+    // Subscribe before the snapshot so no report falls between the two.
+    let sessions = subscription.diagnostics.then(|| hub.sessions.subscribe());
+    if subscription.diagnostics {
+        // Each shard's latest session report, so the bot knows where every
+        // shard stands without waiting for the next change.
+        let snapshot: Vec<u8> = hub
+            .shards
+            .iter()
+            .filter_map(|s| s.last_report())
+            .flat_map(|line| line.to_vec())
+            .collect();
+        if !snapshot.is_empty()
+            && !matches!(
+                tokio::time::timeout(FLUSH_TIMEOUT, write.write_all(&snapshot)).await,
+                Ok(Ok(()))
+            )
+        {
+            return;
+        }
+    }
     let _count = ClientCount::add(&hub);
     let client = subscription.client;
     tracing::info!(
@@ -637,7 +657,7 @@ async fn serve_bot(
         conn,
         client,
         head: hub.log.subscribe_head(),
-        sessions: subscription.diagnostics.then(|| hub.sessions.subscribe()),
+        sessions,
         hub: hub.clone(),
         write,
         filter: subscription.filter,

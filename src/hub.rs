@@ -111,6 +111,9 @@ pub struct ShardStats {
     /// Session id, resume URL and when the session started.
     session: Mutex<SessionInfo>,
     latencies: Mutex<Vec<u32>>,
+    /// The latest `session` line about this shard, replayed to diagnostics
+    /// bots when they connect so they know each shard's state at once.
+    last_report: Mutex<Option<Bytes>>,
 }
 
 /// The session a shard holds.
@@ -144,7 +147,16 @@ impl ShardStats {
             session_gen: AtomicU32::new(0),
             session: Mutex::new(SessionInfo::default()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
+            last_report: Mutex::new(None),
         }
+    }
+
+    /// The latest session line about this shard.
+    pub fn last_report(&self) -> Option<Bytes> {
+        self.last_report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Current state.
@@ -288,8 +300,12 @@ impl Hub {
     pub fn report(&self, report: &SessionReport) {
         let mut line = serde_json::to_vec(report).unwrap_or_default();
         line.push(b'\n');
+        let line = Bytes::from(line);
+        if let Some(stats) = self.shard(report.shard) {
+            *stats.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(line.clone());
+        }
         // No receivers is fine: nobody listens for diagnostics right now.
-        let _ = self.sessions.send(Bytes::from(line));
+        let _ = self.sessions.send(line);
     }
 
     /// The `health` message (DESIGN.md §3.2) as one line.

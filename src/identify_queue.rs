@@ -15,6 +15,9 @@ use crate::hub::{Hub, SessionReport};
 /// Discord's identify window per bucket.
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often a budget wait is reported again.
+const BUDGET_REMINDER: Duration = Duration::from_secs(300);
+
 /// Paces IDENTIFYs and guards the daily session-start budget.
 pub struct IdentifyQueue {
     /// Last IDENTIFY per rate-limit bucket.
@@ -64,33 +67,47 @@ impl IdentifyQueue {
             match self.take_budget() {
                 Ok(()) => break,
                 Err(wait) => {
-                    let budget = *self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut report = SessionReport::new(shard, "fatal");
-                    report.detail = Some(format!(
-                        "identify budget at the reserve: {} of {} session starts left, identify_reserve = {}; not identifying until the window resets at {} (in {} s). Check for a crash loop or restarts that identify instead of resuming.",
-                        budget.remaining,
-                        budget.total,
-                        self.reserve,
-                        crate::clock::rfc3339_millis(budget.resets_at_ms),
-                        wait.as_secs()
-                    ));
-                    tracing::error!(
-                        shard,
-                        event = "fatal",
-                        class = "identify_budget",
-                        remaining = budget.remaining,
-                        total = budget.total,
-                        reserve = self.reserve,
-                        reset_in_s = wait.as_secs(),
-                        "identify budget exhausted down to the reserve; waiting for the reset instead of identifying"
-                    );
-                    self.hub.report(&report);
-                    tokio::time::sleep(wait).await;
+                    let reset = Instant::now() + wait;
+                    // Say it again every few minutes while waiting, so the
+                    // log and late-joining bots keep seeing why.
+                    loop {
+                        let left = reset.saturating_duration_since(Instant::now());
+                        self.report_exhausted(shard, left);
+                        if left <= BUDGET_REMINDER {
+                            tokio::time::sleep(left).await;
+                            break;
+                        }
+                        tokio::time::sleep(BUDGET_REMINDER).await;
+                    }
                     self.refill();
                 }
             }
         }
         *last = Some(Instant::now());
+    }
+
+    fn report_exhausted(&self, shard: u32, left: Duration) {
+        let budget = *self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = SessionReport::new(shard, "fatal");
+        report.detail = Some(format!(
+            "identify budget at the reserve: {} of {} session starts left, identify_reserve = {}; not identifying until the window resets at {} (in {} s). Check for a crash loop or restarts that identify instead of resuming.",
+            budget.remaining,
+            budget.total,
+            self.reserve,
+            crate::clock::rfc3339_millis(budget.resets_at_ms),
+            left.as_secs()
+        ));
+        tracing::error!(
+            shard,
+            event = "fatal",
+            class = "identify_budget",
+            remaining = budget.remaining,
+            total = budget.total,
+            reserve = self.reserve,
+            reset_in_s = left.as_secs(),
+            "identify budget exhausted down to the reserve; waiting for the reset instead of identifying"
+        );
+        self.hub.report(&report);
     }
 
     /// Spend one identify, or say how long until the window resets.

@@ -1,0 +1,729 @@
+//! The release-shaped daemon (the `shardwarden` binary) against the
+//! simulator, with bots on the real Unix socket: restarts on either side,
+//! replay and gaps, SIGTERM → RESUME, exit codes, `status`, `check-config`
+//! and the example clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shardwarden::simulator::{Fault, SimConfig, Simulator};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+const TOKEN: &str = "daemon-test-token-7781";
+const WAIT: Duration = Duration::from_secs(15);
+const BIN: &str = env!("CARGO_BIN_EXE_shardwarden");
+
+struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("bot.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    async fn wait_exit(&mut self) -> i32 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon did not exit; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Start the same daemon again (same config, state and socket).
+    fn restart(&mut self) {
+        self.child = spawn(&self.dir, &self.config, TOKEN);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, sim: &Simulator, extra: &str) -> PathBuf {
+    let config = format!(
+        r#"
+[discord]
+token_env = "SW_TEST_TOKEN"
+api_base = "{api}"
+intents = ["GUILDS", "GUILD_MESSAGES", "MESSAGE_CONTENT"]
+events = ["READY", "GUILD_CREATE", "MESSAGE_CREATE"]
+compression = "zlib-stream"
+
+[shards]
+total = {shards}
+identify_reserve = 25
+
+[bot]
+socket = "{dir}/bot.sock"
+replay_buffer = "{ring}"
+
+[health]
+log_interval = "1s"
+
+[state]
+dir = "{dir}/state"
+"#,
+        api = sim.api_base(),
+        shards = sim.config().shards,
+        dir = dir.display(),
+        ring = if extra.contains("small_ring") {
+            "64KiB"
+        } else {
+            "16MiB"
+        },
+    );
+    let path = dir.join("shardwarden.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+fn spawn(dir: &Path, config: &Path, token: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .expect("log file");
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("SW_TEST_TOKEN", token)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+async fn start(sim_cfg: SimConfig, extra: &str) -> (Simulator, Daemon, tempfile::TempDir) {
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.to_string(),
+        heartbeat_interval_ms: 500,
+        ..sim_cfg
+    })
+    .await
+    .expect("simulator");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let config = write_config(&dir, &sim, extra);
+    let child = spawn(&dir, &config, TOKEN);
+    (sim, Daemon { child, dir, config }, tmp)
+}
+
+struct Bot {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+}
+
+impl Bot {
+    async fn connect(socket: &Path, hello: Value) -> (Bot, Value) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut bot = Bot {
+            lines: BufReader::new(read).lines(),
+            write,
+        };
+        bot.send(hello).await;
+        let welcome = bot.next_op("welcome").await;
+        (bot, welcome)
+    }
+
+    async fn send(&mut self, v: Value) {
+        let mut line = v.to_string();
+        line.push('\n');
+        self.write.write_all(line.as_bytes()).await.expect("write");
+    }
+
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("a line within the wait")
+            .expect("read")
+            .expect("socket open");
+        serde_json::from_str(&line).expect("json line")
+    }
+
+    async fn next_op(&mut self, op: &str) -> Value {
+        loop {
+            let v = self.next().await;
+            if v["op"] == op {
+                return v;
+            }
+        }
+    }
+
+    /// The next `n` dispatches (skipping diagnostics).
+    async fn dispatches(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let v = self.next().await;
+            if v["op"] == "dispatch" {
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+fn hello(resume_from: Value) -> Value {
+    json!({"op":"hello","v":1,"client":"test-bot","events":["*"],"diagnostics":false,"resume_from":resume_from})
+}
+
+fn cursors(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["cursor"].as_u64().expect("cursor"))
+        .collect()
+}
+
+async fn wait_sim(sim: &Simulator, what: &str, f: impl Fn(&Simulator) -> bool) {
+    assert!(
+        sim.wait_until(f, WAIT).await,
+        "timed out waiting for {what}"
+    );
+}
+
+fn identifies(sim: &Simulator) -> usize {
+    sim.frames().iter().filter(|f| f.op == 2).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_reconnect_with_resume_from_gets_every_missed_event_once_in_order() {
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, welcome) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    assert_eq!(welcome["v"], 1);
+    assert_eq!(welcome["shard_total"], 2);
+    assert_eq!(welcome["shards"], json!([0, 1]));
+    // READY + 2 GUILD_CREATE per shard.
+    let first = bot.dispatches(6).await;
+    assert_eq!(cursors(&first), vec![1, 2, 3, 4, 5, 6]);
+    let last = 6;
+    drop(bot);
+    for i in 0..50 {
+        sim.dispatch(i % 2, "MESSAGE_CREATE", json!({"n": i}));
+    }
+    // Wait until the daemon has logged them (head = 56).
+    let (mut probe, w) = Bot::connect(&daemon.socket(), hello(Value::Null)).await;
+    let mut head = w["head"].as_u64().unwrap_or(0);
+    while head < 56 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        probe.send(json!({"op":"status"})).await;
+        head = probe.next_op("health").await["head"].as_u64().unwrap_or(0);
+    }
+    let (mut bot, welcome) = Bot::connect(&daemon.socket(), hello(json!(last))).await;
+    assert_eq!(welcome["missed"], 0);
+    let missed = bot.dispatches(50).await;
+    assert_eq!(
+        cursors(&missed),
+        (7..=56).collect::<Vec<u64>>(),
+        "once each, in order"
+    );
+    let per_shard: Vec<Vec<u64>> = (0..2)
+        .map(|s| {
+            missed
+                .iter()
+                .filter(|e| e["shard"] == s)
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    for seqs in per_shard {
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "seq contiguous per shard: {seqs:?}"
+        );
+    }
+    // Then live.
+    sim.dispatch(0, "MESSAGE_CREATE", json!({"live": true}));
+    let live = bot.dispatches(1).await;
+    assert_eq!(live[0]["cursor"], 57);
+    assert_eq!(
+        live[0]["d"],
+        json!({"live": true}),
+        "d is exactly what Discord sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_reports_exactly_what_fell_out_of_the_ring() {
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 1,
+            ..SimConfig::default()
+        },
+        "small_ring",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    bot.dispatches(3).await;
+    drop(bot);
+    sim.inject(
+        0,
+        Fault::Burst {
+            count: 300,
+            size: 1000,
+        },
+    );
+    let (mut probe, _) = Bot::connect(&daemon.socket(), hello(Value::Null)).await;
+    loop {
+        probe.send(json!({"op":"status"})).await;
+        if probe.next_op("health").await["head"].as_u64().unwrap_or(0) >= 303 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut bot, welcome) = Bot::connect(&daemon.socket(), hello(json!(3))).await;
+    let oldest = welcome["oldest"].as_u64().expect("oldest");
+    assert!(oldest > 4, "a 64 KiB ring cannot hold 300 KB");
+    assert_eq!(welcome["missed"], oldest - 4);
+    let gap = bot.next_op("gap").await;
+    assert_eq!(
+        (gap["from"].as_u64(), gap["to"].as_u64()),
+        (Some(4), Some(oldest - 1))
+    );
+    assert_eq!(gap["missed"], oldest - 4);
+    let first = bot.dispatches(1).await;
+    assert_eq!(
+        first[0]["cursor"], oldest,
+        "goes on from the oldest held event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_then_restart_resumes_the_same_sessions_with_continuing_cursors() {
+    let (sim, mut daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    let first = bot.dispatches(6).await;
+    for i in 0..4 {
+        sim.dispatch(0, "MESSAGE_CREATE", json!({"before": i}));
+    }
+    let more = bot.dispatches(4).await;
+    // The bot finished with everything but the last two events.
+    let acked = more[1]["cursor"].as_u64().unwrap();
+    bot.send(json!({"op":"ack","cursor":acked})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sessions_before: Vec<String> = sim
+        .sessions()
+        .iter()
+        .map(|s| s.session_id.clone())
+        .collect();
+    assert_eq!(identifies(&sim), 2);
+
+    daemon.sigterm();
+    assert_eq!(
+        daemon.wait_exit().await,
+        0,
+        "clean shutdown exits 0; log:\n{}",
+        daemon.log()
+    );
+    let closes: Vec<Option<u16>> = sim
+        .connections()
+        .iter()
+        .map(|c| c.close_code_received)
+        .collect();
+    assert!(
+        closes.iter().all(|c| !matches!(c, Some(1000 | 1001))),
+        "sessions kept resumable: {closes:?}"
+    );
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(daemon.dir.join("state/state.json")).expect("state saved"),
+    )
+    .expect("json");
+    assert_eq!(state["sessions"].as_array().map(Vec::len), Some(2));
+
+    daemon.restart();
+    wait_sim(&sim, "two RESUMEs", |s| {
+        s.frames().iter().filter(|f| f.op == 6).count() == 2
+    })
+    .await;
+    let resumes: Vec<Value> = sim
+        .frames()
+        .into_iter()
+        .filter(|f| f.op == 6)
+        .map(|f| f.json)
+        .collect();
+    for r in &resumes {
+        assert!(
+            sessions_before
+                .iter()
+                .any(|s| r["d"]["session_id"] == s.as_str()),
+            "same session: {r}"
+        );
+    }
+    assert_eq!(identifies(&sim), 2, "no new IDENTIFY after a restart");
+    // Shard 0 resumes from the acknowledged point, so the two unacknowledged
+    // events come again (at-least-once), with new, continuing cursors.
+    let shard0 = resumes
+        .iter()
+        .find(|r| r["d"]["seq"].as_u64() == more[1]["seq"].as_u64());
+    assert!(
+        shard0.is_some(),
+        "shard 0 resumed from the acked seq {}: {resumes:?}",
+        more[1]["seq"]
+    );
+    let last_cursor = more[3]["cursor"].as_u64().unwrap();
+    let (mut bot, welcome) = Bot::connect(&daemon.socket(), hello(json!(last_cursor))).await;
+    assert!(welcome["head"].as_u64().unwrap() >= last_cursor);
+    let again = bot.dispatches(2).await;
+    assert!(
+        cursors(&again).iter().all(|&c| c > last_cursor),
+        "cursors continue, never reused"
+    );
+    assert_eq!(again[0]["seq"], more[2]["seq"]);
+    assert_eq!(again[1]["seq"], more[3]["seq"]);
+    assert_eq!(again[0]["d"], more[2]["d"]);
+    let _ = first;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bot_never_stalls_shards_or_other_bots() {
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 1,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    // A bot that subscribes and never reads.
+    let stuck = UnixStream::connect_with_retry(&daemon.socket()).await;
+    let (_stuck_read, mut stuck_write) = stuck.into_split();
+    stuck_write
+        .write_all(b"{\"op\":\"hello\",\"v\":1,\"client\":\"stuck\",\"events\":[\"*\"],\"diagnostics\":true,\"resume_from\":0}\n")
+        .await
+        .expect("hello");
+    let (mut reader, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    reader.dispatches(3).await;
+    let beats_before = sim.frames().iter().filter(|f| f.op == 1).count();
+    sim.inject(
+        0,
+        Fault::Burst {
+            count: 5000,
+            size: 1000,
+        },
+    );
+    let got = reader.dispatches(5000).await;
+    assert_eq!(got.last().unwrap()["cursor"], 5003);
+    // Heartbeats kept flowing and no zombie was declared.
+    wait_sim(&sim, "more heartbeats", |s| {
+        s.frames().iter().filter(|f| f.op == 1).count() >= beats_before + 2
+    })
+    .await;
+    assert_eq!(sim.connections().len(), 1, "the shard never reconnected");
+}
+
+trait ConnectRetry {
+    async fn connect_with_retry(path: &Path) -> UnixStream;
+}
+
+impl ConnectRetry for UnixStream {
+    async fn connect_with_retry(path: &Path) -> UnixStream {
+        for _ in 0..300 {
+            if let Ok(s) = UnixStream::connect(path).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no socket at {}", path.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_token_exits_78_without_printing_it() {
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), &sim, "");
+    let wrong = "wrong-token-secret-9999";
+    let mut daemon = Daemon {
+        child: spawn(tmp.path(), &config, wrong),
+        dir: tmp.path().into(),
+        config,
+    };
+    assert_eq!(daemon.wait_exit().await, 78);
+    let log = daemon.log();
+    assert!(log.contains("401"), "{log}");
+    assert!(log.contains("9999"), "fingerprint named: {log}");
+    assert!(!log.contains(wrong), "the token never appears: {log}");
+    assert_eq!(identifies(&sim), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_fatally_closed_exits_78() {
+    let (sim, mut daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            allowed_privileged: 0,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    assert_eq!(daemon.wait_exit().await, 78);
+    let log = daemon.log();
+    assert!(log.contains("4014"), "{log}");
+    assert!(log.contains("MESSAGE_CONTENT"), "{log}");
+    assert!(!log.contains(TOKEN));
+    // Fatal closes never loop.
+    assert_eq!(identifies(&sim), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 1,
+            session_start_remaining: 25,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"diag","events":["*"],"diagnostics":true,"resume_from":null}),
+    )
+    .await;
+    let fatal = loop {
+        let v = bot.next_op("session").await;
+        if v["event"] == "fatal" {
+            break v;
+        }
+    };
+    assert!(
+        fatal["detail"]
+            .as_str()
+            .unwrap()
+            .contains("identify_reserve = 25"),
+        "{fatal}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(identifies(&sim), 0, "never spends the reserve");
+    assert!(daemon.log().contains("identify budget"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_a_table_and_exits_by_health() {
+    let (_sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    bot.dispatches(6).await;
+    let out = tokio::task::spawn_blocking({
+        let socket = daemon.socket();
+        move || {
+            Command::new(BIN)
+                .arg("status")
+                .arg("--socket")
+                .arg(socket)
+                .output()
+                .expect("status")
+        }
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("2/2 shards active"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("active")).count(),
+        3,
+        "{text}"
+    );
+    let json_out = Command::new(BIN)
+        .arg("status")
+        .arg("--json")
+        .arg("--socket")
+        .arg(daemon.socket())
+        .output()
+        .expect("status --json");
+    let health: Value = serde_json::from_slice(&json_out.stdout).expect("json");
+    assert_eq!(health["op"], "health");
+    let missing = Command::new(BIN)
+        .args(["status", "--socket", "/nonexistent/bot.sock"])
+        .output()
+        .expect("status");
+    assert_ne!(missing.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot connect"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_clients_receive_and_ack() {
+    let (_sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let clients: Vec<(&str, PathBuf)> = vec![
+        ("python3", root.join("examples/python/bot.py")),
+        ("node", root.join("examples/node/bot.js")),
+    ];
+    for (interpreter, script) in clients {
+        if Command::new(interpreter).arg("--version").output().is_err() {
+            panic!("{interpreter} is needed for the example-client tests (.ci/run installs it)");
+        }
+        let cursor_file = daemon.dir.join(format!("{interpreter}.cursor"));
+        let run = |cursor_file: &Path, max_events: &str| {
+            Command::new(interpreter)
+                .arg(&script)
+                .arg(daemon.socket())
+                .arg("--cursor-file")
+                .arg(cursor_file)
+                .args(["--ack-every", "2", "--max-events", max_events])
+                .output()
+                .expect("run example client")
+        };
+        let out = tokio::task::block_in_place(|| run(&cursor_file, "4"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{interpreter}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("READY"), "{interpreter}: {stdout}");
+        let saved: u64 = std::fs::read_to_string(&cursor_file)
+            .expect("cursor saved")
+            .trim()
+            .parse()
+            .expect("number");
+        assert_eq!(
+            saved, 4,
+            "{interpreter}: acked and saved the last handled cursor"
+        );
+        // A second run resumes after the saved cursor (2 events are left).
+        let out = tokio::task::block_in_place(|| run(&cursor_file, "2"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{interpreter} second run: {stdout}");
+        let first_line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .unwrap_or("");
+        assert!(
+            first_line.trim_start().starts_with('5'),
+            "{interpreter} resumed at cursor 5: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_config_prints_the_plan_or_names_the_fix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let good = tmp.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\", \"GUILD_MESSAGES\", \"GUILD_PRESENCES\"]\nevents = [\"GUILD_CREATE\", \"MESSAGE_CREATE\"]\n[shards]\ntotal = 8\nrange = \"0..4\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("{}", 1 | (1 << 9) | (1 << 8))),
+        "intents bitmask: {text}"
+    );
+    assert!(text.contains("/tmp/x.sock"), "{text}");
+    assert!(text.contains("0..4"), "{text}");
+    assert!(
+        text.contains("warning") && text.contains("GUILD_PRESENCES"),
+        "unneeded intent warned: {text}"
+    );
+    assert!(text.contains("privileged"), "{text}");
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_MEMBER_ADD\", \"MESAGE_CREATE\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("GUILD_MEMBER_ADD") && err.contains("GUILD_MEMBERS"),
+        "{err}"
+    );
+    assert!(err.contains("MESSAGE_CREATE"), "suggestion: {err}");
+
+    let syntax = tmp.path().join("syntax.toml");
+    std::fs::write(&syntax, "[discord]\ntoken_env = \n").expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&syntax)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("line 2"), "{err}");
+}
