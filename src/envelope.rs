@@ -40,8 +40,9 @@ impl<'a> Envelope<'a> {
 pub struct Ready {
     /// Session id for RESUME.
     pub session_id: String,
-    /// Where to RESUME.
-    pub resume_gateway_url: String,
+    /// Where to RESUME (absent on very old gateways: resume on the main URL).
+    #[serde(default)]
+    pub resume_gateway_url: Option<String>,
 }
 
 /// HELLO's data.

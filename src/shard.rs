@@ -915,7 +915,10 @@ impl Shard {
                     .d
                     .and_then(|d| serde_json::from_str::<Hello>(d.get()).ok())
                     .map(|h| h.heartbeat_interval)
-                    .filter(|&ms| (100..=600_000).contains(&ms));
+                    .filter(|&ms| ms > 0)
+                    // An absurd interval is capped (beating early is allowed);
+                    // it must not overflow the timer.
+                    .map(|ms| ms.min(3_600_000));
                 let Some(interval) = interval else {
                     close(sink, gateway::CLOSE_RESUMABLE, "bad HELLO").await;
                     return Err(Disconnect::Resume {
@@ -1013,11 +1016,14 @@ impl Shard {
         match serde_json::from_str::<Ready>(d) {
             Ok(ready) => {
                 conn.active = true;
-                self.session = Some((ready.session_id.clone(), ready.resume_gateway_url.clone()));
+                let resume_url = ready
+                    .resume_gateway_url
+                    .unwrap_or_else(|| self.config.gateway_url.clone());
+                self.session = Some((ready.session_id.clone(), resume_url.clone()));
                 self.stats.session_gen.fetch_add(1, Ordering::Relaxed);
                 self.stats.set_session(SessionInfo {
                     session_id: Some(ready.session_id),
-                    resume_url: Some(ready.resume_gateway_url),
+                    resume_url: Some(resume_url),
                     started: Some(std::time::Instant::now()),
                 });
                 self.set_state(ShardState::Active);
