@@ -861,6 +861,8 @@ impl Delivery {
                 "bot fell out of the replay ring; sending gap"
             );
             self.out.extend_from_slice(&protocol::gap_line(from, to));
+            self.hub.gaps.fetch_add(1, Ordering::Relaxed);
+            self.hub.missed.fetch_add(lost, Ordering::Relaxed);
         }
         self.events += self.lines.len() as u64;
         for line in self.lines.drain(..) {
@@ -1189,14 +1191,13 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::Mutex;
 
     use serde_json::{Value, json};
     use tokio::io::Lines;
 
     use super::*;
     use crate::event_log::EventLog;
-    use crate::hub::{IdentifyBudget, SessionReport, ShardStats};
+    use crate::hub::{IdentifyBudget, SessionReport};
 
     const EVENTS: [&str; 3] = ["GUILD_CREATE", "MESSAGE_CREATE", "INTERACTION_CREATE"];
     const WAIT: Duration = Duration::from_secs(10);
@@ -1224,17 +1225,14 @@ mod tests {
             commands.insert(shard, tx);
             receivers.insert(shard, rx);
         }
-        let hub = Hub {
-            log: EventLog::new(1, ring),
-            shards: vec![Arc::new(ShardStats::new(0)), Arc::new(ShardStats::new(1))],
-            shard_total: 4,
-            events: EVENTS.iter().map(|e| e.to_string()).collect(),
-            sessions: broadcast::channel(4).0,
+        let hub = Hub::new(
+            EventLog::new(1, ring),
+            &[0, 1],
+            4,
+            EVENTS.iter().map(|e| e.to_string()).collect(),
             commands,
-            budget: Mutex::new(IdentifyBudget::default()),
-            acked: AtomicU64::new(0),
-            bot_clients: Default::default(),
-        };
+            IdentifyBudget::default(),
+        );
         (hub, receivers)
     }
 

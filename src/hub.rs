@@ -111,6 +111,8 @@ pub struct ShardStats {
     /// Session id, resume URL and when the session started.
     session: Mutex<SessionInfo>,
     latencies: Mutex<Vec<u32>>,
+    /// Forwarded dispatches per configured event (index = filter bit).
+    by_event: Box<[AtomicU64]>,
     /// The latest `session` line about this shard, replayed to diagnostics
     /// bots when they connect so they know each shard's state at once.
     last_report: Mutex<Option<Bytes>>,
@@ -130,7 +132,14 @@ pub struct SessionInfo {
 impl ShardStats {
     /// Fresh statistics for `shard`.
     pub fn new(shard: u32) -> Self {
+        Self::with_events(shard, 0)
+    }
+
+    /// Fresh statistics for `shard`, counting each of `events` configured
+    /// event types separately.
+    pub fn with_events(shard: u32, events: usize) -> Self {
         ShardStats {
+            by_event: (0..events).map(|_| AtomicU64::new(0)).collect(),
             shard,
             state: AtomicU8::new(ShardState::Idle as u8),
             latency_ms: AtomicU64::new(u64::MAX),
@@ -159,6 +168,21 @@ impl ShardStats {
             .clone()
     }
 
+    /// Count one forwarded dispatch of configured event `index`.
+    pub fn count_event(&self, index: u8) {
+        if let Some(counter) = self.by_event.get(index as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forwarded dispatches per configured event index.
+    pub fn events_by_type(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.by_event
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+    }
+
     /// Current state.
     pub fn state(&self) -> ShardState {
         ShardState::from_u8(self.state.load(Ordering::Relaxed))
@@ -172,6 +196,8 @@ impl ShardStats {
     /// Record one heartbeat round trip.
     pub fn record_latency(&self, ms: u64) {
         self.latency_ms.store(ms, Ordering::Relaxed);
+        metrics::histogram!("shardwarden_heartbeat_latency_seconds", "shard" => self.shard.to_string())
+            .record(ms as f64 / 1000.0);
         let mut window = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         if window.len() == LATENCY_WINDOW {
             window.remove(0);
@@ -269,9 +295,41 @@ pub struct Hub {
     pub acked: AtomicU64,
     /// Bot clients connected now.
     pub bot_clients: AtomicU32,
+    /// `gap` messages sent to bots, and the cursors they reported lost.
+    pub gaps: AtomicU64,
+    /// Cursors bots lost to ring overflow (sum over gaps).
+    pub missed: AtomicU64,
 }
 
 impl Hub {
+    /// A hub for `shards` (statistics per shard are created here) out of
+    /// `shard_total`, forwarding `events`.
+    pub fn new(
+        log: EventLog,
+        shards: &[u32],
+        shard_total: u32,
+        events: Vec<String>,
+        commands: HashMap<u32, mpsc::Sender<OutboundCommand>>,
+        budget: IdentifyBudget,
+    ) -> Hub {
+        Hub {
+            log,
+            shards: shards
+                .iter()
+                .map(|&s| Arc::new(ShardStats::with_events(s, events.len())))
+                .collect(),
+            shard_total,
+            events,
+            sessions: broadcast::channel(4096).0,
+            commands,
+            budget: Mutex::new(budget),
+            acked: AtomicU64::new(0),
+            bot_clients: AtomicU32::new(0),
+            gaps: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+        }
+    }
+
     /// The bit of `event` in bot filters, if it is a configured event.
     pub fn event_index(&self, event: &str) -> Option<u8> {
         self.events.iter().position(|e| e == event).map(|i| i as u8)

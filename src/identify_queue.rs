@@ -3,11 +3,17 @@
 //! per 5 s, buckets in parallel, waiters served in arrival order (tokio's
 //! mutex is fair), so shards started in order identify in order. RESUME never
 //! comes here: it costs no budget and needs no pacing.
+//!
+//! The 5 s are measured from when the IDENTIFY frame actually went out (the
+//! shard holds an [`IdentifyPermit`] through connect and HELLO, then marks it
+//! sent), not from when the turn was granted: Discord sees frames, and a slow
+//! first connect followed by a fast second one would otherwise land two
+//! IDENTIFYs closer than 5 s and earn an op 9.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::time::{Duration, Instant};
 
 use crate::hub::{Hub, SessionReport};
@@ -15,13 +21,17 @@ use crate::hub::{Hub, SessionReport};
 /// Discord's identify window per bucket.
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Safety margin on top of the window, for jitter between our clock and
+/// Discord's view of frame arrival.
+const MARGIN: Duration = Duration::from_millis(20);
+
 /// How often a budget wait is reported again.
 const BUDGET_REMINDER: Duration = Duration::from_secs(300);
 
 /// Paces IDENTIFYs and guards the daily session-start budget.
 pub struct IdentifyQueue {
-    /// Last IDENTIFY per rate-limit bucket.
-    buckets: Vec<Mutex<Option<Instant>>>,
+    /// Last IDENTIFY sent per rate-limit bucket.
+    buckets: Vec<Arc<Mutex<Option<Instant>>>>,
     /// Identifies never spent.
     reserve: u32,
     /// Pacing multiplier in percent (100 = Discord's limit); raised during a
@@ -35,7 +45,7 @@ impl IdentifyQueue {
     pub fn new(max_concurrency: u32, reserve: u32, hub: Arc<Hub>) -> Self {
         IdentifyQueue {
             buckets: (0..max_concurrency.max(1))
-                .map(|_| Mutex::new(None))
+                .map(|_| Arc::new(Mutex::new(None)))
                 .collect(),
             reserve,
             stretch_percent: AtomicU32::new(100),
@@ -54,17 +64,18 @@ impl IdentifyQueue {
         IDENTIFY_INTERVAL * self.stretch_percent.load(Ordering::Relaxed) / 100
     }
 
-    /// Wait for `shard`'s turn to IDENTIFY and take one session start from
-    /// the budget. While the budget is at the reserve, reports a `fatal`
-    /// session (once per window) and waits for the reset instead of spending.
-    pub async fn acquire(&self, shard: u32) {
-        let bucket = &self.buckets[shard as usize % self.buckets.len()];
-        let mut last = bucket.lock().await;
+    /// Wait for `shard`'s turn to IDENTIFY. While the budget is at the
+    /// reserve, reports a `fatal` session and waits for the reset instead of
+    /// spending. The bucket stays taken until the permit is marked sent (or
+    /// dropped, when the connection failed before IDENTIFY).
+    pub async fn acquire(&self, shard: u32) -> IdentifyPermit {
+        let bucket = self.buckets[shard as usize % self.buckets.len()].clone();
+        let last = bucket.lock_owned().await;
         loop {
             if let Some(at) = *last {
-                tokio::time::sleep_until(at + self.interval()).await;
+                tokio::time::sleep_until(at + self.interval() + MARGIN).await;
             }
-            match self.take_budget() {
+            match self.check_budget() {
                 Ok(()) => break,
                 Err(wait) => {
                     let reset = Instant::now() + wait;
@@ -83,7 +94,10 @@ impl IdentifyQueue {
                 }
             }
         }
-        *last = Some(Instant::now());
+        IdentifyPermit {
+            last,
+            hub: self.hub.clone(),
+        }
     }
 
     fn report_exhausted(&self, shard: u32, left: Duration) {
@@ -110,15 +124,11 @@ impl IdentifyQueue {
         self.hub.report(&report);
     }
 
-    /// Spend one identify, or say how long until the window resets.
-    fn take_budget(&self) -> Result<(), Duration> {
-        let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if budget.total == 0 {
-            // Budget unknown (no /gateway/bot yet): do not block.
-            return Ok(());
-        }
-        if budget.remaining > self.reserve {
-            budget.remaining -= 1;
+    /// May one more identify be spent, or how long until the window resets.
+    fn check_budget(&self) -> Result<(), Duration> {
+        let budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if budget.total == 0 || budget.remaining > self.reserve {
+            // total 0: budget unknown (no /gateway/bot yet), do not block.
             return Ok(());
         }
         let now = crate::clock::unix_millis();
@@ -136,32 +146,43 @@ impl IdentifyQueue {
     }
 }
 
+/// A shard's turn to IDENTIFY in its bucket.
+pub struct IdentifyPermit {
+    last: OwnedMutexGuard<Option<Instant>>,
+    hub: Arc<Hub>,
+}
+
+impl IdentifyPermit {
+    /// The IDENTIFY frame went out now: start the bucket's 5 s and spend one
+    /// session start.
+    pub fn sent(mut self) {
+        *self.last = Some(Instant::now());
+        let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+        budget.remaining = budget.remaining.saturating_sub(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event_log::EventLog;
     use crate::hub::IdentifyBudget;
     use std::collections::HashMap;
-    use std::sync::atomic::AtomicU64;
-    use tokio::sync::broadcast;
 
     fn hub(remaining: u32, total: u32, reset_in_ms: u64) -> Arc<Hub> {
-        Arc::new(Hub {
-            log: EventLog::new(1, 1 << 20),
-            shards: Vec::new(),
-            shard_total: 4,
-            events: Vec::new(),
-            sessions: broadcast::channel(16).0,
-            commands: HashMap::new(),
-            budget: std::sync::Mutex::new(IdentifyBudget {
+        Arc::new(Hub::new(
+            EventLog::new(1, 1 << 20),
+            &[],
+            4,
+            Vec::new(),
+            HashMap::new(),
+            IdentifyBudget {
                 remaining,
                 total,
                 resets_at_ms: crate::clock::unix_millis() + reset_in_ms,
                 max_concurrency: 2,
-            }),
-            acked: AtomicU64::new(0),
-            bot_clients: Default::default(),
-        })
+            },
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -172,8 +193,10 @@ mod tests {
         for shard in 0..6u32 {
             let queue = queue.clone();
             tasks.push(tokio::spawn(async move {
-                queue.acquire(shard).await;
-                (shard, Instant::now().duration_since(start))
+                let permit = queue.acquire(shard).await;
+                let at = Instant::now().duration_since(start);
+                permit.sent();
+                (shard, at)
             }));
             // Shards are started in order.
             tokio::task::yield_now().await;
@@ -192,22 +215,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn pacing_counts_from_the_identify_sent_not_the_turn_granted() {
+        let queue = IdentifyQueue::new(1, 0, hub(1000, 1000, 86_400_000));
+        let start = Instant::now();
+        let permit = queue.acquire(0).await;
+        // A slow connect: IDENTIFY goes out 3 s after the turn was granted.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        permit.sent();
+        queue.acquire(0).await.sent();
+        assert_eq!(Instant::now().duration_since(start).as_secs(), 8);
+        // A connect that failed before IDENTIFY spends neither time nor budget.
+        let before = Instant::now();
+        drop(queue.acquire(0).await);
+        assert_eq!(Instant::now().duration_since(before).as_secs(), 5);
+        queue.acquire(0).await.sent();
+        assert_eq!(Instant::now().duration_since(before).as_secs(), 5);
+        assert_eq!(queue.hub.budget.lock().unwrap().remaining, 997);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stretch_slows_reidentifies() {
         let queue = IdentifyQueue::new(1, 0, hub(1000, 1000, 86_400_000));
         queue.set_stretch(300);
         let start = Instant::now();
-        queue.acquire(0).await;
-        queue.acquire(0).await;
-        assert_eq!(
-            Instant::now().duration_since(start),
-            Duration::from_secs(15)
-        );
+        queue.acquire(0).await.sent();
+        queue.acquire(0).await.sent();
+        assert_eq!(Instant::now().duration_since(start).as_secs(), 15);
         queue.set_stretch(100);
-        queue.acquire(0).await;
-        assert_eq!(
-            Instant::now().duration_since(start),
-            Duration::from_secs(20)
-        );
+        queue.acquire(0).await.sent();
+        assert_eq!(Instant::now().duration_since(start).as_secs(), 20);
     }
 
     #[tokio::test(start_paused = true)]
@@ -218,7 +254,7 @@ mod tests {
         let start = Instant::now();
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.acquire(7).await }
+            async move { queue.acquire(7).await.sent() }
         });
         let line = sessions.recv().await.expect("fatal report");
         let report: serde_json::Value = serde_json::from_slice(&line).expect("json");

@@ -25,7 +25,7 @@ use crate::heartbeat::{Beat, Heartbeat};
 use crate::hub::{
     Hub, OutboundCommand, SendRefusal, SessionInfo, SessionReport, ShardState, ShardStats,
 };
-use crate::identify_queue::IdentifyQueue;
+use crate::identify_queue::{IdentifyPermit, IdentifyQueue};
 use crate::ratelimit::SendLimiter;
 
 /// Largest WebSocket message accepted from Discord (compressed size).
@@ -291,11 +291,12 @@ impl Shard {
                 }
             }
             let resuming = self.session.is_some();
+            let mut permit = None;
             if !resuming {
                 self.set_state(ShardState::Queued);
                 let queue = self.queue.clone();
                 tokio::select! {
-                    _ = queue.acquire(self.id()) => {}
+                    p = queue.acquire(self.id()) => permit = Some(p),
                     _ = self.shutdown.changed() => return self.stopped(),
                 }
             }
@@ -346,7 +347,7 @@ impl Shard {
                 }
                 continue;
             };
-            let (outcome, reached_active) = self.run_connection(ws, resuming).await;
+            let (outcome, reached_active) = self.run_connection(ws, permit).await;
             if reached_active {
                 self.attempt = 0;
                 backoff = self.backoff();
@@ -440,7 +441,11 @@ impl Shard {
     /// to the connection (inflate context, heartbeat timer and pending ACK,
     /// send limiter, queued commands) lives in this function and is dropped
     /// with it; only the session and seq survive on `self`.
-    async fn run_connection(&mut self, ws: WsStream, resuming: bool) -> (Disconnect, bool) {
+    async fn run_connection(
+        &mut self,
+        ws: WsStream,
+        permit: Option<IdentifyPermit>,
+    ) -> (Disconnect, bool) {
         let (mut sink, mut stream) = ws.split();
         let mut conn = Connection {
             inflater: match Inflater::new(self.config.compression) {
@@ -463,7 +468,7 @@ impl Shard {
             limiter: SendLimiter::default(),
             pending: std::collections::VecDeque::new(),
             active: false,
-            resuming,
+            identify: permit,
         };
         self.set_state(ShardState::AwaitingHello);
         let hello_deadline = Instant::now() + self.config.hello_timeout;
@@ -891,6 +896,7 @@ impl Shard {
                             envelope.raw_d().as_bytes(),
                         );
                         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        self.stats.count_event(index);
                     }
                     None => {
                         self.stats.unsubscribed.fetch_add(1, Ordering::Relaxed);
@@ -938,16 +944,21 @@ impl Shard {
                     jitter,
                     Instant::now(),
                 ));
-                if conn.resuming
-                    && let Some(resume) = self.resume_payload()
-                {
-                    self.set_state(ShardState::Resuming);
-                    self.send_frame(sink, conn, resume).await
-                } else {
-                    self.set_state(ShardState::Identifying);
-                    self.stats.identifies.fetch_add(1, Ordering::Relaxed);
-                    let identify = self.identify_payload();
-                    self.send_frame(sink, conn, identify).await
+                match (conn.identify.take(), self.resume_payload()) {
+                    (None, Some(resume)) => {
+                        self.set_state(ShardState::Resuming);
+                        self.send_frame(sink, conn, resume).await
+                    }
+                    (permit, _) => {
+                        self.set_state(ShardState::Identifying);
+                        self.stats.identifies.fetch_add(1, Ordering::Relaxed);
+                        let identify = self.identify_payload();
+                        let sent = self.send_frame(sink, conn, identify).await;
+                        if let Some(permit) = permit {
+                            permit.sent();
+                        }
+                        sent
+                    }
                 }
             }
             op::RECONNECT => {
@@ -1058,8 +1069,8 @@ struct Connection {
     pending: std::collections::VecDeque<(Instant, OutboundCommand)>,
     /// READY or RESUMED received.
     active: bool,
-    /// Whether this connection RESUMEs (else IDENTIFY).
-    resuming: bool,
+    /// This connection's turn to IDENTIFY (None: it RESUMEs).
+    identify: Option<IdentifyPermit>,
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {

@@ -5,19 +5,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
 use rand::Rng;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::bot_server::{BotServer, BotServerConfig};
 use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
-use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState, ShardStats};
+use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState};
 use crate::identify_queue::IdentifyQueue;
 use crate::rest::{self, RestErrorKind};
 use crate::shard::{ResumeState, Shard, ShardConfig, ShardExit, gateway_url_ok};
@@ -183,7 +183,6 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     }
 
-    let (sessions_tx, _) = broadcast::channel(4096);
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
     for &shard in &owned {
@@ -191,25 +190,19 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         commands.insert(shard, tx);
         receivers.insert(shard, rx);
     }
-    let hub = Arc::new(Hub {
-        log: EventLog::new(first_cursor, config.bot.replay_buffer),
-        shards: owned
-            .iter()
-            .map(|&s| Arc::new(ShardStats::new(s)))
-            .collect(),
-        shard_total: total,
-        events: plan.events.clone(),
-        sessions: sessions_tx,
+    let hub = Arc::new(Hub::new(
+        EventLog::new(first_cursor, config.bot.replay_buffer),
+        &owned,
+        total,
+        plan.events.clone(),
         commands,
-        budget: std::sync::Mutex::new(IdentifyBudget {
+        IdentifyBudget {
             remaining: limit.remaining,
             total: limit.total,
             resets_at_ms: crate::clock::unix_millis() + limit.reset_after,
             max_concurrency: limit.max_concurrency,
-        }),
-        acked: AtomicU64::new(0),
-        bot_clients: Default::default(),
-    });
+        },
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = BotServer::bind(

@@ -4,17 +4,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use shardwarden::compression::Compression;
 use shardwarden::config::Token;
 use shardwarden::event_log::EventLog;
-use shardwarden::hub::{Hub, IdentifyBudget, OutboundCommand, SessionReport, ShardStats};
+use shardwarden::hub::{Hub, IdentifyBudget, OutboundCommand, SessionReport};
 use shardwarden::identify_queue::IdentifyQueue;
 use shardwarden::shard::{ResumeState, Shard, ShardConfig, ShardExit};
 use shardwarden::simulator::{ClientFrame, SimConfig, Simulator};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub const TOKEN: &str = "sim-token-0000";
@@ -37,7 +36,6 @@ pub fn hub(
     total: u32,
     events: &[&str],
 ) -> (Arc<Hub>, HashMap<u32, mpsc::Receiver<OutboundCommand>>) {
-    let (sessions, _) = broadcast::channel(1024);
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
     for &s in shards {
@@ -45,25 +43,19 @@ pub fn hub(
         commands.insert(s, tx);
         receivers.insert(s, rx);
     }
-    let hub = Arc::new(Hub {
-        log: EventLog::new(1, 64 << 20),
-        shards: shards
-            .iter()
-            .map(|&s| Arc::new(ShardStats::new(s)))
-            .collect(),
-        shard_total: total,
-        events: events.iter().map(|e| e.to_string()).collect(),
-        sessions,
+    let hub = Arc::new(Hub::new(
+        EventLog::new(1, 64 << 20),
+        shards,
+        total,
+        events.iter().map(|e| e.to_string()).collect(),
         commands,
-        budget: std::sync::Mutex::new(IdentifyBudget {
+        IdentifyBudget {
             remaining: 1000,
             total: 1000,
             resets_at_ms: shardwarden::clock::unix_millis() + 86_400_000,
             max_concurrency: 1,
-        }),
-        acked: AtomicU64::new(0),
-        bot_clients: Default::default(),
-    });
+        },
+    ));
     (hub, receivers)
 }
 
