@@ -119,7 +119,7 @@ pub enum LogFormat {
 }
 
 /// `[discord]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiscordConfig {
     /// Where the token comes from.
     pub token_source: TokenSource,
@@ -136,7 +136,7 @@ pub struct DiscordConfig {
 }
 
 /// `[shards]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardsConfig {
     /// Total shard count.
     pub total: ShardTotal,
@@ -147,7 +147,7 @@ pub struct ShardsConfig {
 }
 
 /// `[bot]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BotConfig {
     /// Unix socket path.
     pub socket: PathBuf,
@@ -158,7 +158,7 @@ pub struct BotConfig {
 }
 
 /// `[health]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// Summary log and bot `health` interval.
     pub log_interval: Duration,
@@ -171,7 +171,7 @@ pub struct HealthConfig {
 }
 
 /// `[state]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     /// Where sessions and the cursor counter are persisted.
     pub dir: PathBuf,
@@ -181,7 +181,7 @@ pub struct StateConfig {
 }
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[discord]`
     pub discord: DiscordConfig,

@@ -51,6 +51,7 @@ pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
             api_base: Some(sim.api_base()),
             shutdown: Some(stop_rx.clone()),
             backoff_min: Some(Duration::from_millis(200)),
+            ..DaemonOptions::default()
         },
     ));
     tokio::spawn(sample_bot(socket, stop_rx.clone()));

@@ -32,8 +32,8 @@ const BUDGET_REMINDER: Duration = Duration::from_secs(300);
 pub struct IdentifyQueue {
     /// Last IDENTIFY sent per rate-limit bucket.
     buckets: Vec<Arc<Mutex<Option<Instant>>>>,
-    /// Identifies never spent.
-    reserve: u32,
+    /// Identifies never spent (changeable on SIGHUP).
+    reserve: AtomicU32,
     /// Pacing multiplier in percent (100 = Discord's limit); raised during a
     /// suspected Discord incident so re-identifies do not burn budget.
     stretch_percent: AtomicU32,
@@ -47,10 +47,15 @@ impl IdentifyQueue {
             buckets: (0..max_concurrency.max(1))
                 .map(|_| Arc::new(Mutex::new(None)))
                 .collect(),
-            reserve,
+            reserve: AtomicU32::new(reserve),
             stretch_percent: AtomicU32::new(100),
             hub,
         }
+    }
+
+    /// Change the reserve (SIGHUP reload).
+    pub fn set_reserve(&self, reserve: u32) {
+        self.reserve.store(reserve, Ordering::Relaxed);
     }
 
     /// Slow re-identifies down (`percent` > 100) or back to normal (100).
@@ -101,13 +106,18 @@ impl IdentifyQueue {
     }
 
     fn report_exhausted(&self, shard: u32, left: Duration) {
+        // "fatal" in the protocol's sense: the shard cannot run until the
+        // reset (it resumes on its own then).
+        if let Some(stats) = self.hub.shard(shard) {
+            stats.set_state(crate::hub::ShardState::Fatal);
+        }
         let budget = *self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = SessionReport::new(shard, "fatal");
         report.detail = Some(format!(
             "identify budget at the reserve: {} of {} session starts left, identify_reserve = {}; not identifying until the window resets at {} (in {} s). Check for a crash loop or restarts that identify instead of resuming.",
             budget.remaining,
             budget.total,
-            self.reserve,
+            self.reserve.load(Ordering::Relaxed),
             crate::clock::rfc3339_millis(budget.resets_at_ms),
             left.as_secs()
         ));
@@ -117,7 +127,7 @@ impl IdentifyQueue {
             class = "identify_budget",
             remaining = budget.remaining,
             total = budget.total,
-            reserve = self.reserve,
+            reserve = self.reserve.load(Ordering::Relaxed),
             reset_in_s = left.as_secs(),
             "identify budget exhausted down to the reserve; waiting for the reset instead of identifying"
         );
@@ -127,7 +137,7 @@ impl IdentifyQueue {
     /// May one more identify be spent, or how long until the window resets.
     fn check_budget(&self) -> Result<(), Duration> {
         let budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if budget.total == 0 || budget.remaining > self.reserve {
+        if budget.total == 0 || budget.remaining > self.reserve.load(Ordering::Relaxed) {
             // total 0: budget unknown (no /gateway/bot yet), do not block.
             return Ok(());
         }

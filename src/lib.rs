@@ -45,3 +45,5 @@ pub mod simulator;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+pub mod systemd;
+pub mod telemetry;

@@ -53,22 +53,58 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+fn init_logging(format: LogFormat, level: &str) -> Box<supervisor::SetLogLevel> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+
+    let from_env = std::env::var("RUST_LOG").is_ok();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        // journald stamps each line itself and shows no colours.
-        LogFormat::Auto if journald => builder.with_ansi(false).without_time().init(),
-        LogFormat::Auto | LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Auto if journald => match tracing_journald::layer() {
+            // Structured fields (SHARD=, EVENT=, CLASS=…) straight into the journal.
+            Ok(layer) => registry
+                .with(layer.with_syslog_identifier("shardwarden".into()))
+                .init(),
+            Err(_) => registry
+                .with(
+                    fmt::layer()
+                        .with_ansi(false)
+                        .without_time()
+                        .with_target(false)
+                        .with_writer(std::io::stderr),
+                )
+                .init(),
+        },
+        LogFormat::Auto | LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
     }
+    Box::new(move |level: &str| {
+        if from_env {
+            return Err("RUST_LOG is set in the environment and takes precedence".to_string());
+        }
+        handle
+            .modify(|f| *f = EnvFilter::new(level))
+            .map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -85,15 +121,21 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config_path = config;
+            let config = match Config::load(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(supervisor::EXIT_CONFIG as u8);
                 }
             };
-            init_logging(config.health.log_format, &config.health.log_level);
-            match runtime.block_on(supervisor::run(config, DaemonOptions::default())) {
+            let reload_log_level = init_logging(config.health.log_format, &config.health.log_level);
+            let options = DaemonOptions {
+                config_path: Some(config_path),
+                reload_log_level: Some(reload_log_level),
+                ..DaemonOptions::default()
+            };
+            match runtime.block_on(supervisor::run(config, options)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(event = "exit", exit_code = e.exit_code, "{e}");
@@ -107,7 +149,7 @@ fn main() -> ExitCode {
             runtime.block_on(shardwarden::status::status(&socket, json))
         }
         Command::Demo { seconds, dir } => {
-            init_logging(LogFormat::Text, "info");
+            let _ = init_logging(LogFormat::Text, "info");
             match runtime.block_on(shardwarden::demo::run(seconds, &dir)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

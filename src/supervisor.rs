@@ -53,6 +53,9 @@ impl DaemonError {
     }
 }
 
+/// Changes the running log filter (`[health] log_level` on SIGHUP).
+pub type SetLogLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
 /// Ways to run the daemon other than from a config file alone (demo, tests).
 #[derive(Default)]
 pub struct DaemonOptions {
@@ -64,6 +67,10 @@ pub struct DaemonOptions {
     pub shutdown: Option<watch::Receiver<bool>>,
     /// Shorter reconnect backoff (tests, demo).
     pub backoff_min: Option<Duration>,
+    /// The config file, re-read on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Applies a new log level (from the logging set-up in `main`).
+    pub reload_log_level: Option<Box<SetLogLevel>>,
 }
 
 /// Run the daemon until shutdown. `Ok` after a clean shutdown.
@@ -205,6 +212,18 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(listen) = &config.health.metrics_listen {
+        let addr = listen.parse().map_err(|e| {
+            DaemonError::config(format!("[health] metrics_listen = {listen:?}: {e}"))
+        })?;
+        crate::telemetry::install(addr).map_err(DaemonError::config)?;
+        tokio::spawn(crate::telemetry::export_loop(
+            hub.clone(),
+            Duration::from_secs(1),
+            shutdown_rx.clone(),
+        ));
+        tracing::info!(listen = %addr, "Prometheus metrics on /metrics");
+    }
     let server = BotServer::bind(
         BotServerConfig {
             socket: config.bot.socket.clone(),
@@ -270,6 +289,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let mut sighup = signal(tokio::signal::unix::SignalKind::hangup());
     let mut summary = tokio::time::interval(config.health.log_interval);
     summary.tick().await;
+    let mut notifier = crate::systemd::Notifier::new();
+    notifier.update(&hub);
+    let mut watchdog = notifier.watchdog_every.map(tokio::time::interval);
+    let mut config = config;
+    let reload_log_level = options.reload_log_level;
+    let config_path = options.config_path;
     let mut incidents = IncidentDetector::new(owned.len());
     let mut exits: Vec<(u32, ShardExit)> = Vec::new();
 
@@ -279,15 +304,35 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             _ = recv_signal(&mut sigint) => break "SIGINT",
             _ = wait_true(&mut external) => break "shutdown requested",
             _ = recv_signal(&mut sighup) => {
-                tracing::warn!(event = "reload", "SIGHUP received: live reload is not implemented yet; restart the service to apply config changes (sessions resume across a restart)");
+                notifier.reloading();
+                if let Some(new) = reload(&config, config_path.as_deref(), &queue, reload_log_level.as_deref()) {
+                    if new.health.log_interval != config.health.log_interval {
+                        summary = tokio::time::interval(new.health.log_interval);
+                        summary.tick().await;
+                    }
+                    config = new;
+                }
+                notifier.reloaded(&hub);
             }
+            _ = tick_opt(&mut watchdog) => notifier.watchdog(),
             Some(report) = report_rx.recv() => {
+                if report.event == "closed"
+                    && let Some(class) = report.class
+                {
+                    crate::telemetry::count_reconnect(class);
+                }
                 if let Some(line) = incidents.observe(&report, &hub) {
                     queue.set_stretch(if incidents.active { 300 } else { 100 });
                     hub.report(&line);
                 }
+                if !notifier.is_ready() {
+                    notifier.update(&hub);
+                }
             }
-            _ = summary.tick() => log_summary(&hub),
+            _ = summary.tick() => {
+                log_summary(&hub);
+                notifier.update(&hub);
+            }
             Some(joined) = shards.join_next() => {
                 if let Ok((id, exit)) = joined {
                     exits.push((id, exit));
@@ -313,6 +358,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     };
 
+    notifier.stopping();
     tracing::info!(
         reason,
         "shutting down: closing gateway connections resumably and saving sessions"
@@ -587,6 +633,133 @@ fn log_summary(hub: &Hub) {
             s.shard,
             s.state().as_str()
         );
+    }
+}
+
+/// SIGHUP: re-read the config, apply what can change live, name what needs
+/// a restart. Returns the new config when it was read (None: keep the old).
+fn reload(
+    current: &Config,
+    path: Option<&std::path::Path>,
+    queue: &IdentifyQueue,
+    reload_log_level: Option<&SetLogLevel>,
+) -> Option<Config> {
+    let Some(path) = path else {
+        tracing::warn!(
+            event = "reload",
+            "SIGHUP: no config file to re-read (embedded config); nothing changed"
+        );
+        return None;
+    };
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(
+                event = "reload",
+                class = "config",
+                "SIGHUP: the new config is invalid, keeping the running one:\n{e}"
+            );
+            return None;
+        }
+    };
+    if let Err(errors) = crate::intents::plan(&new.discord.intents, &new.discord.events) {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        tracing::error!(
+            event = "reload",
+            class = "config",
+            "SIGHUP: the new config is invalid, keeping the running one: {}",
+            text.join("; ")
+        );
+        return None;
+    }
+    let mut applied = Vec::new();
+    let mut restart = Vec::new();
+    if new.health.log_level != current.health.log_level {
+        match reload_log_level.map(|f| f(&new.health.log_level)) {
+            Some(Ok(())) => applied.push("[health] log_level"),
+            Some(Err(e)) => tracing::warn!(event = "reload", "cannot change the log level: {e}"),
+            None => restart.push("[health] log_level"),
+        }
+    }
+    if new.health.log_interval != current.health.log_interval {
+        applied.push("[health] log_interval");
+    }
+    if new.bot.socket_mode != current.bot.socket_mode {
+        match crate::bot_server::set_socket_mode(&current.bot.socket, new.bot.socket_mode) {
+            Ok(()) => applied.push("[bot] socket_mode"),
+            Err(e) => tracing::warn!(event = "reload", "cannot change the socket mode: {e}"),
+        }
+    }
+    if new.shards.identify_reserve != current.shards.identify_reserve {
+        queue.set_reserve(new.shards.identify_reserve);
+        applied.push("[shards] identify_reserve");
+    }
+    let (n, c) = (&new, current);
+    for (changed, key) in [
+        (
+            n.discord.token_source != c.discord.token_source,
+            "[discord] token_env/token_file",
+        ),
+        (
+            n.discord.api_base != c.discord.api_base,
+            "[discord] api_base",
+        ),
+        (n.discord.intents != c.discord.intents, "[discord] intents"),
+        (n.discord.events != c.discord.events, "[discord] events"),
+        (
+            n.discord.compression != c.discord.compression,
+            "[discord] compression",
+        ),
+        (
+            n.discord.large_threshold != c.discord.large_threshold,
+            "[discord] large_threshold",
+        ),
+        (n.shards.total != c.shards.total, "[shards] total"),
+        (n.shards.range != c.shards.range, "[shards] range"),
+        (n.bot.socket != c.bot.socket, "[bot] socket"),
+        (
+            n.bot.replay_buffer != c.bot.replay_buffer,
+            "[bot] replay_buffer",
+        ),
+        (
+            n.health.metrics_listen != c.health.metrics_listen,
+            "[health] metrics_listen",
+        ),
+        (
+            n.health.log_format != c.health.log_format,
+            "[health] log_format",
+        ),
+        (n.state.dir != c.state.dir, "[state] dir"),
+        (
+            n.state.resume_window != c.state.resume_window,
+            "[state] resume_window",
+        ),
+    ] {
+        if changed {
+            restart.push(key);
+        }
+    }
+    tracing::info!(
+        event = "reload",
+        applied = ?applied,
+        needs_restart = ?restart,
+        "SIGHUP: config re-read; applied {}; {}",
+        if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") },
+        if restart.is_empty() {
+            "nothing needs a restart".to_string()
+        } else {
+            format!("restart the service to apply {} (sessions resume across a restart)", restart.join(", "))
+        }
+    );
+    Some(new)
+}
+
+async fn tick_opt(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

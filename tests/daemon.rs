@@ -87,6 +87,7 @@ replay_buffer = "{ring}"
 
 [health]
 log_interval = "1s"
+{health_extra}
 
 [state]
 dir = "{dir}/state"
@@ -99,6 +100,11 @@ dir = "{dir}/state"
         } else {
             "16MiB"
         },
+        health_extra = extra
+            .lines()
+            .filter(|l| l.contains('='))
+            .collect::<Vec<_>>()
+            .join("\n"),
     );
     let path = dir.join("shardwarden.toml");
     std::fs::write(&path, config).expect("write config");
@@ -106,6 +112,10 @@ dir = "{dir}/state"
 }
 
 fn spawn(dir: &Path, config: &Path, token: &str) -> Child {
+    spawn_with_env(dir, config, token, &[])
+}
+
+fn spawn_with_env(dir: &Path, config: &Path, token: &str, env: &[(&str, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -115,7 +125,7 @@ fn spawn(dir: &Path, config: &Path, token: &str) -> Child {
         .args(["run", "--config"])
         .arg(config)
         .env("SW_TEST_TOKEN", token)
-        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone"))
         .stderr(log)
@@ -726,4 +736,296 @@ fn check_config_prints_the_plan_or_names_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("line 2"), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_current() {
+    let port = free_port();
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            ..SimConfig::default()
+        },
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    bot.dispatches(6).await;
+    sim.dispatch(1, "MESSAGE_CREATE", json!({"n": 1}));
+    bot.dispatches(1).await;
+    // The exporter copies counters once a second.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+            .await
+            .expect("join");
+        if metric(
+            &text,
+            "shardwarden_events_total{shard=\"1\",type=\"MESSAGE_CREATE\"}",
+        ) == Some(1.0)
+        {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never caught up:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        metric(&text, "shardwarden_shard_active{shard=\"0\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "shardwarden_events_total{shard=\"0\",type=\"GUILD_CREATE\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shardwarden_identify_budget_total"),
+        Some(1000.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shardwarden_identify_budget_remaining"),
+        Some(998.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shardwarden_bot_clients"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shardwarden_shards_active"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("shardwarden_heartbeat_latency_seconds_bucket"),
+        "{text}"
+    );
+    // A close shows up by class.
+    sim.inject(0, Fault::Close(4000));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+            .await
+            .expect("join");
+        if metric(&text, "shardwarden_reconnects_total{class=\"resumable\"}") == Some(1.0)
+            && metric(&text, "shardwarden_resumes_total{shard=\"0\"}") == Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reconnect not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_status_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.into(),
+        shards: 2,
+        heartbeat_interval_ms: 500,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), &sim, "");
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let child = spawn_with_env(
+        tmp.path(),
+        &config,
+        TOKEN,
+        &[
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
+            ("WATCHDOG_USEC", "400000".to_string()),
+        ],
+    );
+    let mut daemon = Daemon {
+        child,
+        dir: tmp.path().into(),
+        config,
+    };
+    // Collect datagrams with the simulator's view of identifies at arrival.
+    let mut messages: Vec<(String, usize)> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + WAIT;
+    let recv = |messages: &mut Vec<(String, usize)>, buf: &mut [u8]| {
+        if let Ok(n) = notify.recv(buf) {
+            messages.push((
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+                identifies(&sim),
+            ));
+        }
+    };
+    while !messages.iter().any(|(m, _)| m.contains("READY=1")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no READY=1: {messages:?}\n{}",
+            daemon.log()
+        );
+        tokio::task::block_in_place(|| recv(&mut messages, &mut buf));
+    }
+    let (ready, identifies_at_ready) = messages
+        .iter()
+        .find(|(m, _)| m.contains("READY=1"))
+        .cloned()
+        .expect("ready");
+    assert_eq!(
+        identifies_at_ready, 2,
+        "READY=1 only after both shards identified (max_concurrency 1: 5 s apart)"
+    );
+    assert!(ready.contains("STATUS=2/2 shards active"), "{ready}");
+    let before_ready: Vec<&String> = messages
+        .iter()
+        .take_while(|(m, _)| !m.contains("READY=1"))
+        .map(|(m, _)| m)
+        .collect();
+    assert!(
+        before_ready.iter().any(|m| m.contains("STATUS=")),
+        "status while starting: {before_ready:?}"
+    );
+    let watchdogs = messages
+        .iter()
+        .filter(|(m, _)| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(
+        watchdogs >= 10,
+        "a WATCHDOG=1 every 200 ms over ~5 s, got {watchdogs}"
+    );
+    daemon.sigterm();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !messages.iter().any(|(m, _)| m.contains("STOPPING=1")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no STOPPING=1: {messages:?}"
+        );
+        tokio::task::block_in_place(|| recv(&mut messages, &mut buf));
+    }
+    assert_eq!(daemon.wait_exit().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 1,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    bot.dispatches(3).await;
+    let text = std::fs::read_to_string(&daemon.config).expect("config");
+    let changed = text
+        .replace(
+            "log_interval = \"1s\"",
+            "log_interval = \"2s\"\nlog_level = \"debug\"\n",
+        )
+        .replace(
+            "replay_buffer = \"16MiB\"",
+            "replay_buffer = \"16MiB\"\nsocket_mode = \"0600\"",
+        )
+        .replace(
+            "\"MESSAGE_CREATE\"]",
+            "\"MESSAGE_CREATE\", \"GUILD_DELETE\"]",
+        );
+    std::fs::write(&daemon.config, changed).expect("write");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(daemon.child.id() as i32, libc::SIGHUP);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log().contains("config re-read") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reload line:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config re-read"))
+        .expect("line");
+    assert!(
+        line.contains("[health] log_level")
+            && line.contains("[bot] socket_mode")
+            && line.contains("[health] log_interval"),
+        "{line}"
+    );
+    assert!(
+        line.contains("restart the service to apply [discord] events"),
+        "{line}"
+    );
+    let mode = std::fs::metadata(daemon.socket())
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // A broken config is refused and the daemon keeps running.
+    std::fs::write(&daemon.config, "[discord\n").expect("write");
+    unsafe {
+        libc::kill(daemon.child.id() as i32, libc::SIGHUP);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log().contains("keeping the running one") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bad config not reported:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No session was dropped.
+    assert_eq!(sim.connections().len(), 1);
+    sim.dispatch(0, "MESSAGE_CREATE", json!({"after": "reload"}));
+    assert_eq!(bot.dispatches(1).await[0]["d"]["after"], "reload");
 }
