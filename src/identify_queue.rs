@@ -123,8 +123,8 @@ impl IdentifyQueue {
         ));
         tracing::error!(
             shard,
-            event = "fatal",
-            class = "identify_budget",
+            event = %"fatal",
+            class = %"identify_budget",
             remaining = budget.remaining,
             total = budget.total,
             reserve = self.reserve.load(Ordering::Relaxed),

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
             match runtime.block_on(supervisor::run(config, options)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(event = "exit", exit_code = e.exit_code, "{e}");
+                    tracing::error!(event = %"exit", exit_code = e.exit_code, "{e}");
                     eprintln!("error: {e}");
                     ExitCode::from(e.exit_code as u8)
                 }

@@ -230,8 +230,8 @@ impl Shard {
         match event {
             "fatal" => tracing::error!(
                 shard = self.id(),
-                event,
-                class,
+                event = %event,
+                class = %class,
                 close_code,
                 seq = self.seq,
                 session_age_s,
@@ -240,8 +240,8 @@ impl Shard {
             ),
             "closed" | "zombie" | "invalidated" => tracing::warn!(
                 shard = self.id(),
-                event,
-                class,
+                event = %event,
+                class = %class,
                 close_code,
                 seq = self.seq,
                 session_age_s,
@@ -251,7 +251,7 @@ impl Shard {
             ),
             _ => tracing::info!(
                 shard = self.id(),
-                event,
+                event = %event,
                 seq = self.seq,
                 session_age_s,
                 attempt = self.attempt,

@@ -87,7 +87,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         },
     )?;
     for warning in &plan.warnings {
-        tracing::warn!(event = "config_warning", "{warning}");
+        tracing::warn!(event = %"config_warning", "{warning}");
     }
     let token = match options.token {
         Some(token) => token,
@@ -107,7 +107,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let saved = match store.load() {
         Ok(saved) => saved,
         Err(message) => {
-            tracing::warn!(event = "state_ignored", "{message}");
+            tracing::warn!(event = %"state_ignored", "{message}");
             None
         }
     };
@@ -163,14 +163,14 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
         if saved.shard_total != total {
             tracing::warn!(
-                event = "state_ignored",
+                event = %"state_ignored",
                 saved_total = saved.shard_total,
                 total,
                 "persisted sessions were for another shard count; identifying"
             );
         } else if age > config.state.resume_window {
             tracing::warn!(
-                event = "state_ignored",
+                event = %"state_ignored",
                 age_s = age.as_secs(),
                 window_s = config.state.resume_window.as_secs(),
                 "persisted sessions are too old to resume; identifying"
@@ -411,8 +411,8 @@ async fn supervise(mut shard: Shard, id: u32) -> (u32, ShardExit) {
                     );
                 tracing::error!(
                     shard = id,
-                    event = "actor_panic",
-                    class = "internal",
+                    event = %"actor_panic",
+                    class = %"internal",
                     restarts,
                     next_retry_ms = wait.as_millis() as u64,
                     "shard actor panicked ({message}); restarting it with its session intact"
@@ -553,8 +553,8 @@ impl IncidentDetector {
                 shards
             ));
             tracing::warn!(
-                event = "discord_incident_suspected",
-                class = "incident",
+                event = %"discord_incident_suspected",
+                class = %"incident",
                 shards = shards.len(),
                 owned = self.owned,
                 "{}",
@@ -574,8 +574,8 @@ impl IncidentDetector {
             line.detail =
                 Some("every shard is active again; normal identify pacing restored".to_string());
             tracing::info!(
-                event = "discord_incident_recovered",
-                class = "incident",
+                event = %"discord_incident_recovered",
+                class = %"incident",
                 "{}",
                 line.detail.as_deref().unwrap_or("")
             );
@@ -598,7 +598,7 @@ fn log_summary(hub: &Hub) {
     latencies.sort_unstable();
     let p50 = latencies.get(latencies.len() / 2).copied();
     tracing::info!(
-        event = "summary",
+        event = %"summary",
         shards_active = active,
         shards = hub.shards.len(),
         latency_p50_ms = p50,
@@ -619,9 +619,9 @@ fn log_summary(hub: &Hub) {
     {
         let (p50, p99) = s.latency_percentiles().unzip();
         tracing::warn!(
-            event = "shard_unhealthy",
+            event = %"shard_unhealthy",
             shard = s.shard,
-            state = s.state().as_str(),
+            state = %s.state().as_str(),
             latency_ms = s.latency_ms(),
             latency_p50_ms = p50,
             latency_p99_ms = p99,
@@ -646,7 +646,7 @@ fn reload(
 ) -> Option<Config> {
     let Some(path) = path else {
         tracing::warn!(
-            event = "reload",
+            event = %"reload",
             "SIGHUP: no config file to re-read (embedded config); nothing changed"
         );
         return None;
@@ -655,8 +655,8 @@ fn reload(
         Ok(new) => new,
         Err(e) => {
             tracing::error!(
-                event = "reload",
-                class = "config",
+                event = %"reload",
+                class = %"config",
                 "SIGHUP: the new config is invalid, keeping the running one:\n{e}"
             );
             return None;
@@ -665,8 +665,8 @@ fn reload(
     if let Err(errors) = crate::intents::plan(&new.discord.intents, &new.discord.events) {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         tracing::error!(
-            event = "reload",
-            class = "config",
+            event = %"reload",
+            class = %"config",
             "SIGHUP: the new config is invalid, keeping the running one: {}",
             text.join("; ")
         );
@@ -677,7 +677,7 @@ fn reload(
     if new.health.log_level != current.health.log_level {
         match reload_log_level.map(|f| f(&new.health.log_level)) {
             Some(Ok(())) => applied.push("[health] log_level"),
-            Some(Err(e)) => tracing::warn!(event = "reload", "cannot change the log level: {e}"),
+            Some(Err(e)) => tracing::warn!(event = %"reload", "cannot change the log level: {e}"),
             None => restart.push("[health] log_level"),
         }
     }
@@ -687,7 +687,7 @@ fn reload(
     if new.bot.socket_mode != current.bot.socket_mode {
         match crate::bot_server::set_socket_mode(&current.bot.socket, new.bot.socket_mode) {
             Ok(()) => applied.push("[bot] socket_mode"),
-            Err(e) => tracing::warn!(event = "reload", "cannot change the socket mode: {e}"),
+            Err(e) => tracing::warn!(event = %"reload", "cannot change the socket mode: {e}"),
         }
     }
     if new.shards.identify_reserve != current.shards.identify_reserve {
@@ -740,7 +740,7 @@ fn reload(
         }
     }
     tracing::info!(
-        event = "reload",
+        event = %"reload",
         applied = ?applied,
         needs_restart = ?restart,
         "SIGHUP: config re-read; applied {}; {}",
