@@ -442,12 +442,12 @@ fn accept_hello(hello: Hello, hub: &Hub) -> Result<Subscription, ProtocolError> 
                     "the daemon is not configured to receive {}; configured events: {}. \
                      Add them to [discord] events (with an intent that delivers them), or ask for [\"*\"]",
                     unknown.join(", "),
-                    hub.events.join(", ")
+                    hub.event_names().join(", ")
                 ),
             )
             .with_detail(ErrorDetail {
                 unknown_events: Some(unknown),
-                configured_events: Some(hub.events.clone()),
+                configured_events: Some(hub.event_names()),
                 ..ErrorDetail::default()
             }));
         }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -73,6 +73,72 @@ impl ShardState {
             9 => ShardState::Stopped,
             _ => ShardState::Idle,
         }
+    }
+}
+
+/// Most event types a daemon can forward (one bit each in a bot filter).
+pub const MAX_EVENTS: usize = 127;
+
+/// The configured dispatch events; an event's position is its filter bit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTable {
+    /// Every name that ever had a bit in this daemon's life.
+    names: Vec<String>,
+    /// Bits of the names currently configured.
+    active: u128,
+}
+
+impl EventTable {
+    /// A table of `names`, all active.
+    pub fn new(names: Vec<String>) -> Self {
+        let active = (0..names.len().min(MAX_EVENTS)).fold(0u128, |m, i| m | (1 << i));
+        EventTable { names, active }
+    }
+
+    /// The filter bit of `t`, if it is configured.
+    pub fn index(&self, t: &str) -> Option<u8> {
+        self.names
+            .iter()
+            .position(|name| name == t)
+            .filter(|&i| self.active & (1 << i) != 0)
+            .map(|i| i as u8)
+    }
+
+    /// Names currently configured, in bit order.
+    pub fn active_names(&self) -> impl Iterator<Item = &str> {
+        self.names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.active & (1 << i) != 0)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// Every name with a bit (active or not), by bit.
+    pub fn all_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// This table changed to configure exactly `names`.
+    pub fn with(&self, names: &[String]) -> Result<EventTable, String> {
+        let mut next = self.clone();
+        next.active = 0;
+        for name in names {
+            let i = match next.names.iter().position(|n| n == name) {
+                Some(i) => i,
+                None => {
+                    next.names.push(name.clone());
+                    next.names.len() - 1
+                }
+            };
+            if i >= MAX_EVENTS {
+                return Err(format!(
+                    "this daemon has seen {} different event names; adding {name} needs a restart",
+                    MAX_EVENTS
+                ));
+            }
+            next.active |= 1 << i;
+        }
+        Ok(next)
     }
 }
 
@@ -283,8 +349,11 @@ pub struct Hub {
     pub shards: Vec<Arc<ShardStats>>,
     /// Total shard count (`[shard, total]` in IDENTIFY).
     pub shard_total: u32,
-    /// The configured event names; an event's index here is its filter bit.
-    pub events: Vec<String>,
+    /// The configured events (swapped whole on a SIGHUP reload).
+    events: RwLock<Arc<EventTable>>,
+    /// Bumped whenever `events` changes, so shards refresh their copy
+    /// without taking the lock per event.
+    events_gen: AtomicU64,
     /// Session report lines (`{"op":"session",...}\n`) for diagnostics bots.
     pub sessions: broadcast::Sender<Bytes>,
     /// Command channels into each owned shard.
@@ -316,10 +385,11 @@ impl Hub {
             log,
             shards: shards
                 .iter()
-                .map(|&s| Arc::new(ShardStats::with_events(s, events.len())))
+                .map(|&s| Arc::new(ShardStats::with_events(s, MAX_EVENTS)))
                 .collect(),
             shard_total,
-            events,
+            events: RwLock::new(Arc::new(EventTable::new(events))),
+            events_gen: AtomicU64::new(0),
             sessions: broadcast::channel(4096).0,
             commands,
             budget: Mutex::new(budget),
@@ -330,18 +400,43 @@ impl Hub {
         }
     }
 
-    /// The bit of `event` in bot filters, if it is a configured event.
-    pub fn event_index(&self, event: &str) -> Option<u8> {
-        self.events.iter().position(|e| e == event).map(|i| i as u8)
+    /// The configured events now.
+    pub fn events(&self) -> Arc<EventTable> {
+        self.events
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// Filter that passes every configured event.
+    /// Changes whenever the configured events change.
+    pub fn events_generation(&self) -> u64 {
+        self.events_gen.load(Ordering::Relaxed)
+    }
+
+    /// Replace the configured events (SIGHUP). Names keep their filter bit;
+    /// new names get new bits; removed names stop being forwarded.
+    pub fn set_events(&self, names: &[String]) -> Result<(), String> {
+        let mut table = self.events.write().unwrap_or_else(|p| p.into_inner());
+        let next = table.with(names)?;
+        *table = Arc::new(next);
+        self.events_gen.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The bit of `event` in bot filters, if it is a configured event.
+    pub fn event_index(&self, event: &str) -> Option<u8> {
+        self.events().index(event)
+    }
+
+    /// The configured event names.
+    pub fn event_names(&self) -> Vec<String> {
+        self.events().active_names().map(str::to_string).collect()
+    }
+
+    /// Filter for `["*"]`: every configured event, including events a
+    /// reload adds later (the log only ever holds configured events).
     pub fn all_events_filter(&self) -> u128 {
-        if self.events.len() >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << self.events.len()) - 1
-        }
+        u128::MAX
     }
 
     /// Stats of an owned shard.
@@ -474,5 +569,43 @@ impl SessionReport {
             class: None,
             detail: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn event_table_keeps_bits_across_reloads() {
+        let table = EventTable::new(names(&["READY", "MESSAGE_CREATE"]));
+        assert_eq!(table.index("MESSAGE_CREATE"), Some(1));
+        let next = table
+            .with(&names(&["MESSAGE_CREATE", "GUILD_DELETE"]))
+            .expect("fits");
+        assert_eq!(next.index("READY"), None, "removed: no longer forwarded");
+        assert_eq!(next.index("MESSAGE_CREATE"), Some(1), "same bit as before");
+        assert_eq!(next.index("GUILD_DELETE"), Some(2), "new bit");
+        assert_eq!(
+            next.active_names().collect::<Vec<_>>(),
+            vec!["MESSAGE_CREATE", "GUILD_DELETE"]
+        );
+        let back = next.with(&names(&["READY"])).expect("fits");
+        assert_eq!(
+            back.index("READY"),
+            Some(0),
+            "a returning name keeps its bit"
+        );
+    }
+
+    #[test]
+    fn event_table_has_room_for_127_names() {
+        let many: Vec<String> = (0..MAX_EVENTS).map(|i| format!("E{i}")).collect();
+        let table = EventTable::new(many);
+        assert!(table.with(&names(&["ONE_MORE"])).is_err());
     }
 }

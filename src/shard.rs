@@ -153,6 +153,9 @@ pub struct Shard {
     supervisor: mpsc::UnboundedSender<SessionReport>,
     /// Consecutive failed attempts since the last healthy session.
     attempt: u32,
+    /// The configured events and their generation: a local copy, refreshed
+    /// when a reload changes them, so the hot path takes no shared lock.
+    events: (u64, Arc<crate::hub::EventTable>),
     /// Consecutive connections lost to an oversized payload at this seq.
     oversize_strikes: (u64, u32),
 }
@@ -173,6 +176,7 @@ impl Shard {
         supervisor: mpsc::UnboundedSender<SessionReport>,
         resume: Option<ResumeState>,
     ) -> Self {
+        let events = (hub.events_generation(), hub.events());
         let (session, seq) = match resume {
             Some(r) => (Some((r.session_id, r.resume_url)), r.seq),
             None => (None, 0),
@@ -188,6 +192,7 @@ impl Shard {
             shutdown,
             supervisor,
             attempt: 0,
+            events,
             oversize_strikes: (0, 0),
         }
     }
@@ -884,7 +889,11 @@ impl Shard {
                     }
                     _ => {}
                 }
-                match self.hub.event_index(t) {
+                let generation = self.hub.events_generation();
+                if generation != self.events.0 {
+                    self.events = (generation, self.hub.events());
+                }
+                match self.events.1.index(t) {
                     Some(index) => {
                         let generation = self.stats.session_gen.load(Ordering::Relaxed);
                         self.hub.log.append(

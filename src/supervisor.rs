@@ -305,7 +305,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             _ = wait_true(&mut external) => break "shutdown requested",
             _ = recv_signal(&mut sighup) => {
                 notifier.reloading();
-                if let Some(new) = reload(&config, config_path.as_deref(), &queue, reload_log_level.as_deref()) {
+                if let Some(new) = reload(&config, config_path.as_deref(), &hub, &queue, reload_log_level.as_deref()) {
                     if new.health.log_interval != config.health.log_interval {
                         summary = tokio::time::interval(new.health.log_interval);
                         summary.tick().await;
@@ -641,6 +641,7 @@ fn log_summary(hub: &Hub) {
 fn reload(
     current: &Config,
     path: Option<&std::path::Path>,
+    hub: &Hub,
     queue: &IdentifyQueue,
     reload_log_level: Option<&SetLogLevel>,
 ) -> Option<Config> {
@@ -690,6 +691,24 @@ fn reload(
             Err(e) => tracing::warn!(event = %"reload", "cannot change the socket mode: {e}"),
         }
     }
+    if new.discord.events != current.discord.events {
+        // Events must be deliverable by the intents the sessions run with
+        // (changing intents needs a new IDENTIFY, i.e. a restart).
+        match crate::intents::plan(&current.discord.intents, &new.discord.events) {
+            Ok(plan) => match hub.set_events(&plan.events) {
+                Ok(()) => applied.push("[discord] events"),
+                Err(e) => {
+                    tracing::warn!(event = %"reload", "cannot change the events live: {e}");
+                    restart.push("[discord] events");
+                }
+            },
+            Err(errors) => {
+                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::warn!(event = %"reload", "the new events need intents the running sessions lack: {}", text.join("; "));
+                restart.push("[discord] events");
+            }
+        }
+    }
     if new.shards.identify_reserve != current.shards.identify_reserve {
         queue.set_reserve(new.shards.identify_reserve);
         applied.push("[shards] identify_reserve");
@@ -705,7 +724,6 @@ fn reload(
             "[discord] api_base",
         ),
         (n.discord.intents != c.discord.intents, "[discord] intents"),
-        (n.discord.events != c.discord.events, "[discord] events"),
         (
             n.discord.compression != c.discord.compression,
             "[discord] compression",

@@ -110,7 +110,7 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let series: Vec<ShardSeries> = hub
         .shards
         .iter()
-        .map(|s| ShardSeries::new(s.clone(), &hub.events))
+        .map(|s| ShardSeries::new(s.clone(), hub.events().all_names()))
         .collect();
     let budget_remaining = gauge!("shardwarden_identify_budget_remaining");
     let budget_total = gauge!("shardwarden_identify_budget_total");
