@@ -53,6 +53,20 @@ enum Command {
     },
 }
 
+/// The WebSocket and TLS crates log frame contents at debug/trace level,
+/// and an IDENTIFY frame carries the token: never let them below info.
+fn quiet_dependencies(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    [
+        "tungstenite=info",
+        "tokio_tungstenite=info",
+        "rustls=info",
+        "hyper=info",
+    ]
+    .into_iter()
+    .filter_map(|d| d.parse().ok())
+    .fold(filter, |f, d| f.add_directive(d))
+}
+
 fn init_logging(format: LogFormat, level: &str) -> Box<supervisor::SetLogLevel> {
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
@@ -60,7 +74,9 @@ fn init_logging(format: LogFormat, level: &str) -> Box<supervisor::SetLogLevel> 
     use tracing_subscriber::{EnvFilter, fmt, reload};
 
     let from_env = std::env::var("RUST_LOG").is_ok();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = quiet_dependencies(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+    );
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -102,7 +118,7 @@ fn init_logging(format: LogFormat, level: &str) -> Box<supervisor::SetLogLevel> 
             return Err("RUST_LOG is set in the environment and takes precedence".to_string());
         }
         handle
-            .modify(|f| *f = EnvFilter::new(level))
+            .modify(|f| *f = quiet_dependencies(EnvFilter::new(level)))
             .map_err(|e| e.to_string())
     })
 }

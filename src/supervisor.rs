@@ -75,6 +75,12 @@ pub struct DaemonOptions {
 
 /// Run the daemon until shutdown. `Ok` after a clean shutdown.
 pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonError> {
+    // Take the signals first: a SIGTERM or SIGHUP while still starting must
+    // not kill the process with the default action.
+    let mut external = options.shutdown;
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
+    let mut sighup = signal(tokio::signal::unix::SignalKind::hangup());
     let plan = crate::intents::plan(&config.discord.intents, &config.discord.events).map_err(
         |errors| {
             DaemonError::config(
@@ -112,18 +118,27 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     };
 
+    if let Err(e) = check_writable(&config.state.dir) {
+        tracing::warn!(event = %"state_unwritable", dir = %config.state.dir.display(), "cannot write the state directory ({e}): sessions will not survive a restart and every restart will spend identifies; fix [state] dir or its permissions");
+    }
+
     tracing::info!(token = %token.fingerprint(), api_base = %api_base, "fetching /gateway/bot");
-    let gateway = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300))
-        .await
-        .map_err(|e| match e.kind {
-            RestErrorKind::Unauthorized | RestErrorKind::Forbidden => {
-                DaemonError::config(e.to_string())
-            }
-            _ => DaemonError {
-                exit_code: EXIT_FAILURE,
-                message: format!("cannot reach Discord: {e}"),
-            },
-        })?;
+    let fetch = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300));
+    let fetched = tokio::select! {
+        result = fetch => result,
+        _ = recv_signal(&mut sigterm) => return stopped_before_start("SIGTERM"),
+        _ = recv_signal(&mut sigint) => return stopped_before_start("SIGINT"),
+        _ = wait_true(&mut external) => return stopped_before_start("shutdown requested"),
+    };
+    let gateway = fetched.map_err(|e| match e.kind {
+        RestErrorKind::Unauthorized | RestErrorKind::Forbidden => {
+            DaemonError::config(e.to_string())
+        }
+        _ => DaemonError {
+            exit_code: EXIT_FAILURE,
+            message: format!("cannot reach Discord: {e}"),
+        },
+    })?;
     if !gateway_url_ok(&gateway.url) {
         return Err(DaemonError {
             exit_code: EXIT_FAILURE,
@@ -283,10 +298,6 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         shutdown_rx.clone(),
     ));
 
-    let mut external = options.shutdown;
-    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate());
-    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt());
-    let mut sighup = signal(tokio::signal::unix::SignalKind::hangup());
     let mut summary = tokio::time::interval(config.health.log_interval);
     summary.tick().await;
     let mut notifier = crate::systemd::Notifier::new();
@@ -387,6 +398,19 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     }
     Ok(())
+}
+
+fn stopped_before_start(reason: &str) -> Result<(), DaemonError> {
+    tracing::info!(reason, "stopped before any shard started; nothing to save");
+    Ok(())
+}
+
+/// Can the state directory be created and written?
+fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".write-test.{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }
 
 /// Run one shard, restarting it after a panic with capped backoff and jitter.

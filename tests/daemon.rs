@@ -1033,3 +1033,75 @@ async fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
     );
     assert_eq!(got[1]["d"]["after"], "reload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_never_logged_even_at_trace_level() {
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.into(),
+        heartbeat_interval_ms: 300,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), &sim, "");
+    let child = spawn_with_env(
+        tmp.path(),
+        &config,
+        TOKEN,
+        &[("RUST_LOG", "trace".to_string())],
+    );
+    let mut daemon = Daemon {
+        child,
+        dir: tmp.path().into(),
+        config,
+    };
+    wait_sim(&sim, "IDENTIFY", |s| s.frames().iter().any(|f| f.op == 2)).await;
+    wait_sim(&sim, "heartbeats", |s| {
+        s.frames().iter().filter(|f| f.op == 1).count() >= 2
+    })
+    .await;
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit().await, 0);
+    let log = daemon.log();
+    assert!(log.contains("event=ready"), "the session was logged: {log}");
+    assert!(!log.contains(TOKEN), "token leaked into the trace log");
+    let bytes: Vec<String> = TOKEN.bytes().map(|b| b.to_string()).collect();
+    assert!(
+        !log.contains(&bytes.join(", ")),
+        "token leaked as a byte list"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_discord_is_unreachable_exits_cleanly() {
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    sim.set_rest_failure(Some(shardwarden::simulator::RestFailure::Status(503, None)));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = write_config(tmp.path(), &sim, "");
+    let mut daemon = Daemon {
+        child: spawn(tmp.path(), &config, TOKEN),
+        dir: tmp.path().into(),
+        config,
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.rest_requests() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retries:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit().await, 0, "{}", daemon.log());
+    assert!(
+        daemon.log().contains("503"),
+        "the failure was logged with its status"
+    );
+}
