@@ -268,13 +268,7 @@ impl Shard {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
-        ExponentialBuilder::default()
-            .with_min_delay(self.config.backoff_min)
-            .with_max_delay(self.config.backoff_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        reconnect_backoff(self.config.backoff_min, self.config.backoff_max)
     }
 
     /// Run until shutdown or a fatal close. Takes `&mut self` so that the
@@ -1101,6 +1095,18 @@ where
     .await;
 }
 
+/// Capped exponential backoff with jitter (backon): `min`, doubling, never
+/// above `max` plus jitter, forever. Used for reconnects and actor restarts.
+pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Is a gateway URL acceptable: wss://, or ws:// to loopback?
 pub fn gateway_url_ok(url: &str) -> bool {
     crate::config::check_url(url, &["wss", "ws"]).is_ok()
@@ -1121,6 +1127,29 @@ pub fn connect_url(base: &str, compression: Compression) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(60);
+        let delays: Vec<Duration> = reconnect_backoff(min, max).take(40).collect();
+        assert_eq!(delays.len(), 40, "never gives up");
+        assert!(
+            delays.iter().all(|d| *d >= min && *d <= max * 2),
+            "{delays:?}"
+        );
+        assert!(delays[6] > delays[0] * 8, "grows exponentially: {delays:?}");
+        let capped = &delays[20..];
+        assert!(
+            capped.iter().all(|d| *d >= max),
+            "stays at the cap: {capped:?}"
+        );
+        let other: Vec<Duration> = reconnect_backoff(min, max).take(40).collect();
+        assert_ne!(
+            delays, other,
+            "jittered: two shards do not retry in lockstep"
+        );
+    }
 
     #[test]
     fn connect_url_appends_query() {

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
-use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -413,11 +412,27 @@ fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
-/// Run one shard, restarting it after a panic with capped backoff and jitter.
-async fn supervise(mut shard: Shard, id: u32) -> (u32, ShardExit) {
+/// Something the supervisor runs and restarts after a panic.
+pub trait Actor: Send {
+    /// Run until done; may be called again after a panic.
+    fn run(&mut self) -> impl std::future::Future<Output = ShardExit> + Send;
+}
+
+impl Actor for Shard {
+    fn run(&mut self) -> impl std::future::Future<Output = ShardExit> + Send {
+        Shard::run(self)
+    }
+}
+
+/// Run one shard, restarting it after a panic with capped backoff and
+/// jitter. The actor value survives the panic, so the session it holds is
+/// resumed, not re-identified.
+async fn supervise<A: Actor>(mut actor: A, id: u32) -> (u32, ShardExit) {
     let mut restarts = 0u32;
+    let mut backoff =
+        crate::shard::reconnect_backoff(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        match AssertUnwindSafe(shard.run()).catch_unwind().await {
+        match AssertUnwindSafe(actor.run()).catch_unwind().await {
             Ok(exit) => return (id, exit),
             Err(panic) => {
                 restarts += 1;
@@ -426,13 +441,7 @@ async fn supervise(mut shard: Shard, id: u32) -> (u32, ShardExit) {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("unknown panic");
-                let base = Duration::from_millis(500)
-                    .saturating_mul(1 << restarts.min(7))
-                    .min(Duration::from_secs(60));
-                let wait = base
-                    + Duration::from_millis(
-                        rand::rng().random_range(0..=base.as_millis() as u64 / 2),
-                    );
+                let wait = backoff.next().unwrap_or(Duration::from_secs(60));
                 tracing::error!(
                     shard = id,
                     event = %"actor_panic",
@@ -826,5 +835,44 @@ async fn wait_true(rx: &mut Option<watch::Receiver<bool>>) {
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Flaky {
+        panics_left: u32,
+        runs: u32,
+    }
+
+    impl Actor for Flaky {
+        async fn run(&mut self) -> ShardExit {
+            self.runs += 1;
+            if self.panics_left > 0 {
+                self.panics_left -= 1;
+                panic!("simulated bug");
+            }
+            ShardExit::Shutdown(None)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panicked_actor_is_restarted_with_backoff() {
+        let start = tokio::time::Instant::now();
+        let actor = Flaky {
+            panics_left: 3,
+            runs: 0,
+        };
+        let (id, exit) = supervise(actor, 7).await;
+        assert_eq!(id, 7);
+        assert!(matches!(exit, ShardExit::Shutdown(None)));
+        // Three restarts: at least 0.5 + 1 + 2 s of backoff, not a spin.
+        assert!(
+            start.elapsed() >= Duration::from_millis(3500),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -408,3 +408,34 @@ async fn bot_command_goes_out_on_the_shard() {
     assert_eq!(h.frames(3)[0].json["d"]["status"], "idle");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn dead_gateway_is_retried_with_backoff_not_a_spin() {
+    let sim = Simulator::start(sim_config()).await.expect("sim");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("ws://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let mut h = start_shard_with(sim, Compression::ZlibStream, INTENTS, None, |c| {
+        c.gateway_url = dead_url;
+        c.backoff_min = Duration::from_millis(50);
+        c.backoff_max = Duration::from_millis(400);
+    })
+    .await;
+    let start = std::time::Instant::now();
+    let mut failures = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        if let Ok(Some(r)) =
+            tokio::time::timeout(Duration::from_millis(100), h.reports.recv()).await
+            && r.event == "closed"
+        {
+            assert_eq!(r.class, Some("transport"));
+            failures += 1;
+        }
+    }
+    // 50, 100, 200, 400, 400… ms (+ jitter): about 6–12 attempts in 3 s.
+    assert!(
+        (3..=20).contains(&failures),
+        "{failures} connect attempts in 3 s"
+    );
+    h.stop().await;
+}
