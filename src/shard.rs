@@ -137,6 +137,31 @@ enum Disconnect {
     Shutdown,
 }
 
+impl Disconnect {
+    /// The connection failed (no close code): resume after backoff.
+    fn transport(detail: impl Into<String>) -> Self {
+        Disconnect::Resume {
+            event: "closed",
+            close_code: None,
+            class: CloseClass::Transport,
+            detail: detail.into(),
+            immediately: false,
+        }
+    }
+
+    /// The daemon dropped the connection itself (zombie, op 7, op 9 true):
+    /// resume right away.
+    fn resume_now(class: CloseClass, detail: impl Into<String>) -> Self {
+        Disconnect::Resume {
+            event: "closed",
+            close_code: None,
+            class,
+            detail: detail.into(),
+            immediately: true,
+        }
+    }
+}
+
 /// The shard actor.
 pub struct Shard {
     config: ShardConfig,
@@ -451,13 +476,7 @@ impl Shard {
                 Ok(inflater) => inflater,
                 Err(e) => {
                     return (
-                        Disconnect::Resume {
-                            event: "closed",
-                            close_code: None,
-                            class: CloseClass::Transport,
-                            detail: format!("cannot create decompressor: {e}"),
-                            immediately: false,
-                        },
+                        Disconnect::transport(format!("cannot create decompressor: {e}")),
                         false,
                     );
                 }
@@ -501,24 +520,12 @@ impl Shard {
                             self.report("zombie", None, Some(CloseClass::Transport), Some(format!("no heartbeat ACK within {interval} ms: connection presumed dead (zombie)")), None);
                             // Do not wait on a close handshake with a dead peer.
                             let _ = timeout(Duration::from_millis(500), sink.send(close_message(gateway::CLOSE_RESUMABLE, "zombie connection"))).await;
-                            break Disconnect::Resume {
-                                event: "closed",
-                                close_code: None,
-                                class: CloseClass::Transport,
-                                detail: "zombie connection dropped".to_string(),
-                                immediately: true,
-                            };
+                            break Disconnect::resume_now(CloseClass::Transport, "zombie connection dropped".to_string());
                         }
                     }
                 }
                 _ = sleep_until(hello_deadline), if conn.heartbeat.is_none() => {
-                    break Disconnect::Resume {
-                        event: "closed",
-                        close_code: None,
-                        class: CloseClass::Transport,
-                        detail: format!("no HELLO within {} s of connecting", self.config.hello_timeout.as_secs()),
-                        immediately: false,
-                    };
+                    break Disconnect::transport(format!("no HELLO within {} s of connecting", self.config.hello_timeout.as_secs()));
                 }
                 _ = sleep_until(pending_at.unwrap_or(far_future)), if pending_at.is_some() => {
                     if let Err(d) = self.flush_pending(&mut sink, &mut conn).await {
@@ -534,23 +541,11 @@ impl Shard {
                 }
                 message = stream.next() => {
                     match message {
-                        None => break Disconnect::Resume {
-                            event: "closed",
-                            close_code: None,
-                            class: CloseClass::Transport,
-                            detail: "connection ended without a close frame".to_string(),
-                            immediately: false,
-                        },
+                        None => break Disconnect::transport("connection ended without a close frame".to_string()),
                         Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
                             break self.oversized(format!("a message from Discord is over the {} byte limit ({e})", self.config.max_message_size));
                         }
-                        Some(Err(e)) => break Disconnect::Resume {
-                            event: "closed",
-                            close_code: None,
-                            class: CloseClass::Transport,
-                            detail: format!("WebSocket error: {e}"),
-                            immediately: false,
-                        },
+                        Some(Err(e)) => break Disconnect::transport(format!("WebSocket error: {e}")),
                         Some(Ok(Message::Binary(frame))) => {
                             let complete = conn.inflater.push(&frame, &mut conn.buf);
                             match complete {
@@ -569,13 +564,7 @@ impl Shard {
                                 }
                                 Err(e) => {
                                     close(&mut sink, gateway::CLOSE_RESUMABLE, "corrupt compressed stream").await;
-                                    break Disconnect::Resume {
-                                        event: "closed",
-                                        close_code: None,
-                                        class: CloseClass::Transport,
-                                        detail: format!("{e}; dropping the connection (a new one gets a fresh decompressor)"),
-                                        immediately: false,
-                                    };
+                                    break Disconnect::transport(format!("{e}; dropping the connection (a new one gets a fresh decompressor)"));
                                 }
                             }
                         }
@@ -626,13 +615,7 @@ impl Shard {
                 invalid_session: false,
             };
         }
-        Disconnect::Resume {
-            event: "closed",
-            close_code: None,
-            class: CloseClass::Transport,
-            detail: format!("{what}; dropping the connection"),
-            immediately: false,
-        }
+        Disconnect::transport(format!("{what}; dropping the connection"))
     }
 
     /// What a close frame from Discord means (facts §3.1, one table).
@@ -713,20 +696,12 @@ impl Shard {
         conn.limiter.record(Instant::now());
         match timeout(Duration::from_secs(10), sink.send(Message::text(text))).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Disconnect::Resume {
-                event: "closed",
-                close_code: None,
-                class: CloseClass::Transport,
-                detail: format!("sending to Discord failed: {e}"),
-                immediately: false,
-            }),
-            Err(_) => Err(Disconnect::Resume {
-                event: "closed",
-                close_code: None,
-                class: CloseClass::Transport,
-                detail: "sending to Discord blocked for 10 s".to_string(),
-                immediately: false,
-            }),
+            Ok(Err(e)) => Err(Disconnect::transport(format!(
+                "sending to Discord failed: {e}"
+            ))),
+            Err(_) => Err(Disconnect::transport(
+                "sending to Discord blocked for 10 s".to_string(),
+            )),
         }
     }
 
@@ -847,16 +822,10 @@ impl Shard {
             Ok(envelope) => envelope,
             Err(e) => {
                 close(sink, gateway::CLOSE_RESUMABLE, "malformed payload").await;
-                return Err(Disconnect::Resume {
-                    event: "closed",
-                    close_code: None,
-                    class: CloseClass::Transport,
-                    detail: format!(
-                        "malformed payload from Discord ({e}, {} bytes); dropping the connection",
-                        payload.len()
-                    ),
-                    immediately: false,
-                });
+                return Err(Disconnect::transport(format!(
+                    "malformed payload from Discord ({e}, {} bytes); dropping the connection",
+                    payload.len()
+                )));
             }
         };
         match envelope.op {
@@ -930,16 +899,10 @@ impl Shard {
                     .map(|ms| ms.min(3_600_000));
                 let Some(interval) = interval else {
                     close(sink, gateway::CLOSE_RESUMABLE, "bad HELLO").await;
-                    return Err(Disconnect::Resume {
-                        event: "closed",
-                        close_code: None,
-                        class: CloseClass::Transport,
-                        detail: format!(
-                            "HELLO without a usable heartbeat_interval: {}",
-                            envelope.raw_d()
-                        ),
-                        immediately: false,
-                    });
+                    return Err(Disconnect::transport(format!(
+                        "HELLO without a usable heartbeat_interval: {}",
+                        envelope.raw_d()
+                    )));
                 };
                 let jitter: f64 = rand::rng().random();
                 conn.heartbeat = Some(Heartbeat::start(
@@ -973,13 +936,10 @@ impl Shard {
                     None,
                 );
                 close(sink, gateway::CLOSE_RESUMABLE, "reconnect requested").await;
-                Err(Disconnect::Resume {
-                    event: "closed",
-                    close_code: None,
-                    class: CloseClass::Resumable,
-                    detail: "closed after op 7".to_string(),
-                    immediately: true,
-                })
+                Err(Disconnect::resume_now(
+                    CloseClass::Resumable,
+                    "closed after op 7".to_string(),
+                ))
             }
             op::INVALID_SESSION => {
                 let resumable = envelope.raw_d() == "true";
@@ -992,13 +952,10 @@ impl Shard {
                         Some("Discord invalidated the session (op 9, resumable)".to_string()),
                         None,
                     );
-                    Err(Disconnect::Resume {
-                        event: "closed",
-                        close_code: None,
-                        class: CloseClass::Resumable,
-                        detail: "closed after op 9 (resumable)".to_string(),
-                        immediately: true,
-                    })
+                    Err(Disconnect::resume_now(
+                        CloseClass::Resumable,
+                        "closed after op 9 (resumable)".to_string(),
+                    ))
                 } else {
                     self.report(
                         "invalidated",
