@@ -129,6 +129,10 @@ impl Inflater {
                 }
                 let result = inflate_zlib(ctx, pending, out);
                 pending.clear();
+                if pending.capacity() > 256 << 10 {
+                    // Do not pin a huge message's buffer for the connection's life.
+                    *pending = Vec::new();
+                }
                 result.map(|()| true)
             }
             Inflater::Zstd(decoder) => {

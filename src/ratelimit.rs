@@ -29,7 +29,7 @@ impl SendLimiter {
     /// A limiter of `limit` sends per `window`.
     pub fn new(limit: u32, window: Duration) -> Self {
         SendLimiter {
-            sent: VecDeque::with_capacity(limit as usize),
+            sent: VecDeque::new(),
             limit,
             window,
         }

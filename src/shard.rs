@@ -30,6 +30,8 @@ use crate::ratelimit::SendLimiter;
 
 /// Largest WebSocket message accepted from Discord (compressed size).
 const MAX_WS_MESSAGE: usize = 32 << 20;
+/// Inflate buffer capacity kept between messages; larger ones are freed.
+const KEEP_BUFFER: usize = 256 << 10;
 /// Bot commands waiting for the send limiter, per connection.
 const MAX_PENDING_COMMANDS: usize = 64;
 
@@ -340,7 +342,12 @@ impl Shard {
                 )),
                 None,
             );
+            // Small socket buffers: an idle shard should cost little memory
+            // (the defaults are 128 KiB each way); bursts still read 16 KiB
+            // per syscall and big messages grow the buffer as needed.
             let ws_config = WebSocketConfig::default()
+                .read_buffer_size(16 << 10)
+                .write_buffer_size(0)
                 .max_message_size(Some(self.config.max_message_size))
                 .max_frame_size(Some(self.config.max_message_size));
             let connect =
@@ -558,6 +565,11 @@ impl Shard {
                                     let payload = std::mem::take(&mut conn.buf);
                                     let result = self.handle_payload(&mut sink, &mut conn, &payload).await;
                                     conn.buf = payload;
+                                    // A huge READY/GUILD_CREATE should not pin its
+                                    // buffer for the life of the connection.
+                                    if conn.buf.capacity() > KEEP_BUFFER {
+                                        conn.buf = Vec::with_capacity(KEEP_BUFFER / 4);
+                                    }
                                     if let Err(d) = result {
                                         break d;
                                     }
