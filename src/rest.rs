@@ -259,7 +259,7 @@ where
                 tracing::warn!(
                     status = err.status,
                     code = err.code,
-                    message = %err.message,
+                    error = %err.message,
                     attempt,
                     next_retry_ms,
                     "GET /gateway/bot failed; retrying"
@@ -275,7 +275,7 @@ where
                 tracing::warn!(
                     status = err.status,
                     code = err.code,
-                    message = %err.message,
+                    error = %err.message,
                     attempt,
                     next_retry_ms,
                     max_wait_ms = max_wait.as_millis() as u64,

@@ -654,25 +654,28 @@ impl Shard {
         match gateway::classify_close(code) {
             CloseClass::Fatal => {
                 let detail = match code {
-                    Some(4013) | Some(4014) => {
-                        let names = crate::intents::names_for_mask(
-                            self.config.intents
-                                & if code == Some(4014) {
-                                    crate::intents::PRIVILEGED_MASK
-                                } else {
-                                    u64::MAX
-                                },
+                    Some(4014) => {
+                        let privileged = crate::intents::names_for_mask(
+                            self.config.intents & crate::intents::PRIVILEGED_MASK,
                         );
                         format!(
-                            "{detail}. Intents sent: {} (privileged among them: {})",
-                            crate::intents::names_for_mask(self.config.intents).join(", "),
-                            if names.is_empty() {
-                                "none".to_string()
+                            "{detail}. Privileged intents sent: {}",
+                            if privileged.is_empty() {
+                                "none (check the Developer Portal settings)".to_string()
                             } else {
-                                names.join(", ")
+                                privileged.join(", ")
                             }
                         )
                     }
+                    Some(4013) => format!(
+                        "{detail}. Intents sent: {} = {}{}",
+                        self.config.intents,
+                        crate::intents::names_for_mask(self.config.intents).join(" | "),
+                        match crate::intents::check_intent_bits(self.config.intents) {
+                            Ok(()) => String::new(),
+                            Err(e) => format!(" ({e})"),
+                        }
+                    ),
                     _ => detail,
                 };
                 Disconnect::Fatal {

@@ -326,7 +326,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             }
             _ = tick_opt(&mut watchdog) => notifier.watchdog(),
             Some(report) = report_rx.recv() => {
-                if report.event == "closed"
+                if matches!(report.event, "closed" | "fatal")
                     && let Some(class) = report.class
                 {
                     crate::telemetry::count_reconnect(class);
@@ -670,7 +670,7 @@ fn log_summary(hub: &Hub) {
 }
 
 /// SIGHUP: re-read the config, apply what can change live, name what needs
-/// a restart. Returns the new config when it was read (None: keep the old).
+/// a restart. Returns the config now running (None: nothing changed).
 fn reload(
     current: &Config,
     path: Option<&std::path::Path>,
@@ -708,19 +708,30 @@ fn reload(
     }
     let mut applied = Vec::new();
     let mut restart = Vec::new();
+    // What the daemon runs with afterwards: the old config with only the
+    // keys applied live taken from the new one, so the next SIGHUP still
+    // names every key that is waiting for a restart.
+    let mut running = current.clone();
     if new.health.log_level != current.health.log_level {
         match reload_log_level.map(|f| f(&new.health.log_level)) {
-            Some(Ok(())) => applied.push("[health] log_level"),
+            Some(Ok(())) => {
+                applied.push("[health] log_level");
+                running.health.log_level = new.health.log_level.clone();
+            }
             Some(Err(e)) => tracing::warn!(event = %"reload", "cannot change the log level: {e}"),
             None => restart.push("[health] log_level"),
         }
     }
     if new.health.log_interval != current.health.log_interval {
         applied.push("[health] log_interval");
+        running.health.log_interval = new.health.log_interval;
     }
     if new.bot.socket_mode != current.bot.socket_mode {
         match crate::bot_server::set_socket_mode(&current.bot.socket, new.bot.socket_mode) {
-            Ok(()) => applied.push("[bot] socket_mode"),
+            Ok(()) => {
+                applied.push("[bot] socket_mode");
+                running.bot.socket_mode = new.bot.socket_mode;
+            }
             Err(e) => tracing::warn!(event = %"reload", "cannot change the socket mode: {e}"),
         }
     }
@@ -729,7 +740,10 @@ fn reload(
         // (changing intents needs a new IDENTIFY, i.e. a restart).
         match crate::intents::plan(&current.discord.intents, &new.discord.events) {
             Ok(plan) => match hub.set_events(&plan.events) {
-                Ok(()) => applied.push("[discord] events"),
+                Ok(()) => {
+                    applied.push("[discord] events");
+                    running.discord.events = new.discord.events.clone();
+                }
                 Err(e) => {
                     tracing::warn!(event = %"reload", "cannot change the events live: {e}");
                     restart.push("[discord] events");
@@ -745,6 +759,7 @@ fn reload(
     if new.shards.identify_reserve != current.shards.identify_reserve {
         queue.set_reserve(new.shards.identify_reserve);
         applied.push("[shards] identify_reserve");
+        running.shards.identify_reserve = new.shards.identify_reserve;
     }
     let (n, c) = (&new, current);
     for (changed, key) in [
@@ -802,7 +817,7 @@ fn reload(
             format!("restart the service to apply {} (sessions resume across a restart)", restart.join(", "))
         }
     );
-    Some(new)
+    Some(running)
 }
 
 async fn tick_opt(interval: &mut Option<tokio::time::Interval>) {
