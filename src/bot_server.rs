@@ -647,12 +647,9 @@ async fn serve_bot(
         },
     ));
 
-    let health = (subscription.diagnostics && !cfg.health_interval.is_zero()).then(|| {
-        let mut tick =
-            tokio::time::interval_at(Instant::now() + cfg.health_interval, cfg.health_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        tick
-    });
+    let health_every = hub.health_interval().unwrap_or(cfg.health_interval);
+    let health =
+        (subscription.diagnostics && !health_every.is_zero()).then(|| health_tick(health_every));
     let mut delivery = Delivery {
         conn,
         client,
@@ -665,6 +662,8 @@ async fn serve_bot(
         delivered,
         answers: answers_rx,
         health,
+        health_every,
+        default_health_every: cfg.health_interval,
         out: Vec::new(),
         lines: Vec::new(),
         events: 0,
@@ -737,6 +736,9 @@ struct Delivery {
     answers: mpsc::Receiver<Bytes>,
     sessions: Option<broadcast::Receiver<Bytes>>,
     health: Option<Interval>,
+    /// The interval `health` runs at, and the configured default.
+    health_every: Duration,
+    default_health_every: Duration,
     /// What the next write sends; reused.
     out: Vec<u8>,
     /// One batch of dispatch lines; reused.
@@ -807,6 +809,12 @@ impl Delivery {
                 _ = next_tick(&mut self.health) => {
                     let line = self.hub.health_line();
                     self.out.extend_from_slice(&line);
+                    // A reload may have changed the interval.
+                    let every = self.hub.health_interval().unwrap_or(self.default_health_every);
+                    if every != self.health_every && !every.is_zero() {
+                        self.health_every = every;
+                        self.health = Some(health_tick(every));
+                    }
                 }
             }
         }
@@ -957,6 +965,12 @@ async fn next_session(
         Some(sessions) => sessions.recv().await,
         None => std::future::pending().await,
     }
+}
+
+fn health_tick(every: Duration) -> Interval {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick
 }
 
 async fn next_tick(health: &mut Option<Interval>) {

@@ -368,6 +368,9 @@ pub struct Hub {
     pub gaps: AtomicU64,
     /// Cursors bots lost to ring overflow (sum over gaps).
     pub missed: AtomicU64,
+    /// How often diagnostics bots get `health` (ms; 0 = the bot server's
+    /// configured default). Changed by a SIGHUP reload.
+    health_interval_ms: AtomicU64,
 }
 
 impl Hub {
@@ -397,7 +400,22 @@ impl Hub {
             bot_clients: AtomicU32::new(0),
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
+            health_interval_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The `health` interval set by a reload, if any.
+    pub fn health_interval(&self) -> Option<std::time::Duration> {
+        match self.health_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Change the `health` interval of diagnostics bots (SIGHUP).
+    pub fn set_health_interval(&self, every: std::time::Duration) {
+        self.health_interval_ms
+            .store(every.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
     /// The configured events now.

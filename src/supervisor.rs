@@ -319,6 +319,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                     if new.health.log_interval != config.health.log_interval {
                         summary = tokio::time::interval(new.health.log_interval);
                         summary.tick().await;
+                        hub.set_health_interval(new.health.log_interval);
                     }
                     config = new;
                 }
