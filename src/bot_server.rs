@@ -878,6 +878,9 @@ impl Delivery {
         }
         self.position = outcome.after;
         self.delivered.store(self.position, Ordering::Relaxed);
+        self.hub
+            .delivered
+            .fetch_max(self.position, Ordering::Relaxed);
     }
 
     fn session_report(&mut self, report: Result<Bytes, broadcast::error::RecvError>) {

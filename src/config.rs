@@ -244,7 +244,9 @@ struct RawDiscord {
     token_file: Option<PathBuf>,
     token_env: Option<String>,
     api_base: Option<String>,
+    #[serde(default)]
     intents: Vec<String>,
+    #[serde(default)]
     events: Vec<String>,
     compression: Option<String>,
     large_threshold: Option<i64>,

@@ -255,8 +255,38 @@ fn write_dispatch_line(out: &mut Vec<u8>, cursor: u64, shard: u32, seq: u64, t: 
     out.extend_from_slice(b",\"t\":\"");
     out.extend_from_slice(t.as_bytes());
     out.extend_from_slice(b"\",\"d\":");
-    out.extend_from_slice(d);
+    if d.iter().any(|&b| b == b'\n' || b == b'\r') {
+        // JSON may break lines between tokens; the bot protocol is one
+        // object per line. Drop whitespace outside strings (inside strings
+        // a raw newline cannot occur in valid JSON), keep everything else.
+        push_without_line_breaks(out, d);
+    } else {
+        out.extend_from_slice(d);
+    }
     out.extend_from_slice(b"}\n");
+}
+
+/// Copy JSON `d` without the whitespace between tokens.
+fn push_without_line_breaks(out: &mut Vec<u8>, d: &[u8]) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in d {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+            out.push(b);
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push(b);
+        }
+    }
 }
 
 /// A small stack buffer for formatting integers without allocating.
@@ -311,6 +341,24 @@ mod tests {
             out[0].windows(d.len()).any(|w| w == d),
             "d is copied verbatim"
         );
+    }
+
+    #[test]
+    fn multi_line_d_becomes_one_line_with_strings_intact() {
+        let log = EventLog::new(1, 1 << 20);
+        let d = b"{\n  \"content\": \"a b\\\" \\n c\",\r\n  \"n\": [1, 2]\n}";
+        log.append(0, 1, 1, 0, "MESSAGE_CREATE", d);
+        let mut out = Vec::new();
+        log.read_after(0, u128::MAX, usize::MAX, &mut out);
+        assert_eq!(
+            out[0].iter().filter(|&&b| b == b'\n').count(),
+            1,
+            "one line"
+        );
+        let v = &lines(&out)[0];
+        let original: serde_json::Value = serde_json::from_slice(d).expect("valid");
+        assert_eq!(v["d"], original);
+        assert_eq!(v["d"]["content"], "a b\" \n c");
     }
 
     #[test]

@@ -362,6 +362,8 @@ pub struct Hub {
     pub budget: Mutex<IdentifyBudget>,
     /// Highest cursor any bot acknowledged (0 = none).
     pub acked: AtomicU64,
+    /// Highest cursor handed to any bot's socket (0 = none).
+    pub delivered: AtomicU64,
     /// Bot clients connected now.
     pub bot_clients: AtomicU32,
     /// `gap` messages sent to bots, and the cursors they reported lost.
@@ -397,6 +399,7 @@ impl Hub {
             commands,
             budget: Mutex::new(budget),
             acked: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
             bot_clients: AtomicU32::new(0),
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),

@@ -327,9 +327,6 @@ fn parse_send(mut obj: Map<String, Value>) -> Result<SendRequest, ProtocolError>
             ))
         })?,
     };
-    let Some(d) = payload.remove("d") else {
-        return Err(bad("send: missing field `payload.d`".into()));
-    };
     if !BOT_COMMANDS.iter().any(|&(allowed, _)| allowed == op) {
         let allowed = BOT_COMMANDS
             .iter()
@@ -344,6 +341,9 @@ fn parse_send(mut obj: Map<String, Value>) -> Result<SendRequest, ProtocolError>
         };
         return Err(fail(code::OP_NOT_ALLOWED, message));
     }
+    let Some(d) = payload.remove("d") else {
+        return Err(bad("send: missing field `payload.d`".into()));
+    };
 
     let shard = match obj.get("shard") {
         None | Some(Value::Null) => None,

@@ -303,8 +303,10 @@ impl Shard {
     pub async fn run(&mut self) -> ShardExit {
         let mut backoff = self.backoff();
         let mut delay: Option<Duration> = None;
-        // After a failed connect to resume_gateway_url, resume via the main URL.
-        let mut use_resume_url = true;
+        // Connects to resume_gateway_url that failed in a row. Facts §4.5:
+        // when resuming is not possible, IDENTIFY on the original URL; a
+        // blip gets a few tries first, since an IDENTIFY costs budget.
+        let mut resume_connect_failures = 0u32;
         loop {
             if *self.shutdown.borrow() {
                 return self.stopped();
@@ -316,6 +318,32 @@ impl Shard {
                     _ = self.shutdown.changed() => return self.stopped(),
                 }
             }
+            let resume_url_ok = self
+                .session
+                .as_ref()
+                .is_some_and(|(_, url)| gateway_url_ok(url));
+            if self.session.is_some() && (resume_connect_failures >= 3 || !resume_url_ok) {
+                let why = if resume_url_ok {
+                    format!(
+                        "resume_gateway_url refused {resume_connect_failures} connects in a row"
+                    )
+                } else {
+                    "resume_gateway_url is not a wss:// (or loopback ws://) URL".to_string()
+                };
+                self.session = None;
+                self.seq = 0;
+                self.stats.set_session(SessionInfo::default());
+                self.report(
+                    "invalidated",
+                    None,
+                    Some(CloseClass::Reidentify),
+                    Some(format!(
+                        "{why}: the session cannot be resumed; identifying on the main gateway URL"
+                    )),
+                    None,
+                );
+                resume_connect_failures = 0;
+            }
             let resuming = self.session.is_some();
             let mut permit = None;
             if !resuming {
@@ -326,9 +354,9 @@ impl Shard {
                     _ = self.shutdown.changed() => return self.stopped(),
                 }
             }
-            let base = match (&self.session, use_resume_url) {
-                (Some((_, resume_url)), true) if gateway_url_ok(resume_url) => resume_url.clone(),
-                _ => self.config.gateway_url.clone(),
+            let base = match &self.session {
+                Some((_, resume_url)) => resume_url.clone(),
+                None => self.config.gateway_url.clone(),
             };
             let url = connect_url(&base, self.config.compression);
             self.set_state(ShardState::Connecting);
@@ -374,10 +402,11 @@ impl Shard {
             };
             let Some(ws) = ws else {
                 if resuming {
-                    use_resume_url = false;
+                    resume_connect_failures += 1;
                 }
                 continue;
             };
+            resume_connect_failures = 0;
             let (outcome, reached_active) = self.run_connection(ws, permit).await;
             if reached_active {
                 self.attempt = 0;
@@ -414,7 +443,6 @@ impl Shard {
                     detail,
                     immediately,
                 } => {
-                    use_resume_url = true;
                     let wait = if immediately && self.attempt <= 1 {
                         Duration::from_millis(rand::rng().random_range(0..250))
                     } else {
@@ -709,6 +737,14 @@ impl Shard {
         S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
     {
         conn.limiter.record(Instant::now());
+        self.write_frame(sink, text).await
+    }
+
+    /// Write a frame whose send-limit slot was already taken.
+    async fn write_frame<S>(&self, sink: &mut S, text: String) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
         match timeout(Duration::from_secs(10), sink.send(Message::text(text))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Disconnect::transport(format!(
@@ -744,7 +780,7 @@ impl Shard {
     {
         match conn.limiter.try_acquire_for_bot(Instant::now()) {
             None => {
-                let result = self.send_frame(sink, conn, command.payload).await;
+                let result = self.write_frame(sink, command.payload).await;
                 let _ = command.reply.send(match &result {
                     Ok(()) => Ok(()),
                     Err(_) => Err(SendRefusal {
@@ -771,7 +807,7 @@ impl Shard {
         while let Some((_, command)) = conn.pending.pop_front() {
             match conn.limiter.try_acquire_for_bot(Instant::now()) {
                 None => {
-                    let result = self.send_frame(sink, conn, command.payload).await;
+                    let result = self.write_frame(sink, command.payload).await;
                     let ok = result.is_ok();
                     let _ = command.reply.send(if ok {
                         Ok(())
@@ -891,7 +927,18 @@ impl Shard {
                 }
                 Ok(())
             }
-            op::HEARTBEAT => self.send_heartbeat(sink, conn).await,
+            op::HEARTBEAT => {
+                // Answer at once, but never past Discord's send limit: a
+                // flood of op 1 must not get the connection closed (4008).
+                if conn.limiter.in_window(Instant::now()) + 2 >= gateway::SEND_LIMIT as usize {
+                    tracing::warn!(
+                        shard = self.id(),
+                        "Discord requested more heartbeats than the send limit allows; skipping one"
+                    );
+                    return Ok(());
+                }
+                self.send_heartbeat(sink, conn).await
+            }
             op::HEARTBEAT_ACK => {
                 if let Some(hb) = conn.heartbeat.as_mut()
                     && let Some(rtt) = hb.on_ack(Instant::now())
@@ -1022,9 +1069,10 @@ impl Shard {
                 );
             }
             Err(e) => {
-                tracing::error!(shard = self.id(), error = %e, "READY without session_id/resume_gateway_url; this session cannot be resumed");
                 conn.active = true;
+                self.stats.session_gen.fetch_add(1, Ordering::Relaxed);
                 self.set_state(ShardState::Active);
+                self.report("ready", None, None, Some(format!("session started (READY), but READY has no usable session_id ({e}): this session cannot be resumed; a lost connection will identify again")), None);
             }
         }
     }

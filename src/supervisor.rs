@@ -461,17 +461,21 @@ async fn supervise<A: Actor>(mut actor: A, id: u32) -> (u32, ShardExit) {
 /// (unacknowledged events are then replayed by Discord), else from the last
 /// sequence delivered.
 fn sessions_to_save(hub: &Hub, exits: &[(u32, ShardExit)]) -> Vec<SavedSession> {
+    // Where bots ack, resume from the acknowledged point; else from what was
+    // handed to a bot; with no bot at all, from before everything held, so
+    // Discord replays what no bot has seen (at-least-once).
     let acked = hub.acked.load(Ordering::Relaxed);
+    let point = if acked > 0 {
+        acked
+    } else {
+        hub.delivered.load(Ordering::Relaxed)
+    };
     let gens: Vec<(u32, u32)> = hub
         .shards
         .iter()
         .map(|s| (s.shard, s.session_gen.load(Ordering::Relaxed)))
         .collect();
-    let unacked = if acked > 0 {
-        hub.log.lowest_unacked_seq(acked, &gens)
-    } else {
-        Vec::new()
-    };
+    let unacked = hub.log.lowest_unacked_seq(point, &gens);
     exits
         .iter()
         .filter_map(|(id, exit)| match exit {

@@ -354,11 +354,13 @@ async fn expired_persisted_session_falls_back_to_identify() {
 }
 
 #[tokio::test]
-async fn unreachable_resume_url_falls_back_to_main_url() {
+async fn unreachable_resume_url_ends_in_identify_on_main_url() {
     let sim = shardwarden::simulator::Simulator::start(sim_config())
         .await
         .expect("sim");
-    // A resume URL nothing listens on: the connect fails, the shard resumes via the main URL.
+    // A resume URL nothing listens on: after a few failed connects the
+    // session is given up and the shard identifies on the main URL (facts
+    // §4.5), never sending RESUME anywhere else.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_url = format!("ws://{}/resume", dead.local_addr().expect("addr"));
     drop(dead);
@@ -368,18 +370,54 @@ async fn unreachable_resume_url_falls_back_to_main_url() {
         seq: 3,
     };
     let mut h = start_shard_on(sim, Compression::ZlibStream, INTENTS, Some(session)).await;
+    let invalidated = h.wait_report("invalidated").await;
+    assert!(
+        invalidated
+            .detail
+            .unwrap_or_default()
+            .contains("refused 3 connects")
+    );
     h.ready().await;
-    let resume = h.frames(6);
-    assert_eq!(resume.len(), 1);
+    assert_eq!(h.frames(6).len(), 0, "no RESUME on the main URL");
+    let identify = h.frames(2);
+    assert_eq!(identify.len(), 1);
     let conn = h
         .sim
         .connections()
         .into_iter()
-        .find(|c| c.conn == resume[0].conn)
+        .find(|c| c.conn == identify[0].conn)
         .expect("conn");
+    assert_eq!(conn.path, "/");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bot_commands_get_the_full_send_budget() {
+    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    h.ready().await;
+    let mut replies = Vec::new();
+    for i in 0..100 {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let payload =
+            json!({"op": 43, "d": {"guild_id": i.to_string(), "fields": ["status"]}}).to_string();
+        h.commands
+            .send(shardwarden::hub::OutboundCommand { payload, reply })
+            .await
+            .expect("send");
+        replies.push(rx);
+    }
+    for rx in replies {
+        let answer = tokio::time::timeout(Duration::from_secs(3), rx)
+            .await
+            .expect("sent within seconds, not held for the next window");
+        assert_eq!(answer.expect("reply"), Ok(()));
+    }
+    h.wait("100 commands", |s| count_ops(&s.frames(), 43) == 100)
+        .await;
     assert_eq!(
-        conn.path, "/",
-        "resume attempted on the main URL after the resume URL failed"
+        h.sim.connections().len(),
+        1,
+        "under Discord's limit: no 4008"
     );
     h.stop().await;
 }
