@@ -22,7 +22,8 @@
 //!   5 s identify window: time until every shard is READY against
 //!   `ceil(N/C) × 5 s`.
 //!
-//! `BENCH_BLAST` scales the blast (default 100000 events per scenario).
+//! `BENCH_BLAST` scales the blast (default 100000 events per scenario);
+//! `BENCH_PERF=DIR` records a perf profile of the daemon during each blast.
 
 mod common;
 
@@ -114,6 +115,21 @@ async fn blast(label: &str, shards: u32, per_shard: u32, ring: &str) -> Blasted 
     eprintln!("e2e blast {label}: {shards} shard(s) x {per_shard} events, ring {ring}");
     let (sim, daemon, bot) = setup(shards, ring).await;
     let pid = daemon.pid();
+    // BENCH_PERF=DIR: sample the daemon during the blast with perf
+    // (cpu-clock, call graphs) into DIR/perf-LABEL.data.
+    let perf = std::env::var("BENCH_PERF").ok().map(|dir| {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "4000", "-g", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(format!("{dir}/perf-{label}.data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf record");
+        std::thread::sleep(Duration::from_millis(500));
+        child
+    });
     let cpu0 = proc_cpu_us(pid);
     let reads0 = bot.reads;
     let own0 = process_cpu_ns();
@@ -139,6 +155,11 @@ async fn blast(label: &str, shards: u32, per_shard: u32, ring: &str) -> Blasted 
     let wall = t0.elapsed().as_secs_f64();
     let cpu = proc_cpu_us(pid) - cpu0;
     let reads = bot.reads - reads0;
+    if let Some(mut perf) = perf {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+        let _ = perf.wait();
+    }
     let own = (process_cpu_ns() - own0) as f64 / 1000.0;
     let n = total as f64;
     result(
@@ -312,11 +333,10 @@ fn paced_dispatch(sim: Simulator, rate: u64, n: usize) -> std::thread::JoinHandl
     })
 }
 
-fn report_latency(key: &str, what: &str, mut lat: Vec<u64>, skip: usize) -> (u64, u64) {
-    let mut lat = lat.split_off(skip.min(lat.len()));
+fn report_latency(key: &str, what: &str, lat: &mut [u64]) -> (u64, u64) {
     lat.sort_unstable();
-    let p50 = percentile(&lat, 50.0);
-    let p99 = percentile(&lat, 99.0);
+    let p50 = percentile(lat, 50.0);
+    let p99 = percentile(lat, 99.0);
     result(
         &format!("{key}_p50_us"),
         p50 as f64 / 1000.0,
@@ -332,92 +352,120 @@ fn report_latency(key: &str, what: &str, mut lat: Vec<u64>, skip: usize) -> (u64
     (p50, p99)
 }
 
+/// The daemon and a minimal direct client hold one session each for shard
+/// 0, so every stamped dispatch reaches both; matching them by `ts_ns`
+/// gives, per event, how much later the bot got it than a client reading
+/// the simulator itself (scheduling noise on the simulator's side cancels).
 async fn latency(rate: u64, seconds: u64) {
     let n = (rate * seconds) as usize;
     let skip = n / 10;
-    eprintln!(
-        "latency: {n} events at {rate}/s through the daemon, then straight off the simulator"
+    eprintln!("latency: {n} events at {rate}/s to the daemon and to a direct client at once");
+    let sim = simulator(1, |c| c.enforce_identify_concurrency = false).await;
+    let daemon = Daemon::start(&sim, "16MiB");
+    let socket = daemon.socket.clone();
+    let bot = on_thread(move || {
+        let mut bot = Bot::connect(&socket, "0");
+        let mut n = 0;
+        bot.lines(|line, _| {
+            n += usize::from(contains(line, b"\"op\":\"dispatch\""));
+            n < 2
+        });
+        bot
+    })
+    .await;
+    let url = format!(
+        "{}/?v=10&encoding=json&compress=zlib-stream",
+        sim.gateway_url()
     );
-    // Through the daemon.
-    let (p50, p99) = {
-        let (sim, daemon, mut bot) = setup(1, "16MiB").await;
-        let sender = paced_dispatch(sim.clone(), rate, n);
-        let lat = on_thread(move || {
-            let mut lat = Vec::with_capacity(n);
-            bot.lines(|line, at| {
-                if contains(&line[..line.len().min(96)], b"\"t\":\"MESSAGE_CREATE\"") {
-                    lat.push(at.saturating_sub(number_after(line, b"\"ts_ns\":")));
-                }
-                lat.len() < n
-            });
-            lat
-        })
-        .await;
-        sender.join().expect("dispatcher");
-        drop(daemon);
-        report_latency(
-            "lat_daemon",
-            "latency simulator -> bot via daemon",
-            lat,
-            skip,
-        )
-    };
-    // Straight off the simulator: a minimal zlib-stream gateway client.
-    let (b50, b99) = {
-        let sim = simulator(1, |_| {}).await;
-        let url = format!(
-            "{}/?v=10&encoding=json&compress=zlib-stream",
-            sim.gateway_url()
-        );
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect to the simulator");
-        let identify = format!(
-            "{{\"op\":2,\"d\":{{\"token\":\"{TOKEN}\",\"intents\":33281,\"shard\":[0,1],\"properties\":{{\"os\":\"linux\",\"browser\":\"bench\",\"device\":\"bench\"}}}}}}"
-        );
-        ws.send(Message::text(identify)).await.expect("identify");
-        let mut inflater = Inflater::new(Compression::ZlibStream).expect("inflater");
-        let mut buf = Vec::new();
-        let mut lat = Vec::with_capacity(n);
-        let mut sender = None;
-        while lat.len() < n {
-            let msg = ws.next().await.expect("open").expect("frame");
-            let at = mono_ns();
-            let Message::Binary(frame) = msg else {
-                continue;
-            };
-            if !inflater.push(&frame, &mut buf).expect("inflate") {
-                continue;
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    // On a thread and runtime of its own, like the daemon's reader.
+    let direct = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        rt.block_on(direct_client(url, n, up_tx))
+    });
+    up_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("direct client identified");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sender = paced_dispatch(sim.clone(), rate, n);
+    let via_daemon = on_thread(move || {
+        let mut bot = bot;
+        let mut got = Vec::with_capacity(n);
+        bot.lines(|line, at| {
+            if contains(&line[..line.len().min(96)], b"\"t\":\"MESSAGE_CREATE\"") {
+                got.push((number_after(line, b"\"ts_ns\":"), at));
             }
-            if sender.is_none() && contains(&buf, b"\"t\":\"GUILD_CREATE\"") {
-                sender = Some(paced_dispatch(sim.clone(), rate, n));
-            }
-            if contains(&buf[..buf.len().min(48)], b"\"t\":\"MESSAGE_CREATE\"") {
-                lat.push(at.saturating_sub(number_after(&buf, b"\"ts_ns\":")));
-            }
+            got.len() < n
+        });
+        got
+    })
+    .await;
+    let direct = direct.join().expect("direct client");
+    sender.join().expect("dispatcher");
+    drop(daemon);
+    let first: std::collections::HashMap<u64, u64> = direct.iter().copied().collect();
+    let mut total: Vec<u64> = via_daemon
+        .iter()
+        .skip(skip)
+        .map(|&(ts, at)| at - ts)
+        .collect();
+    let mut straight: Vec<u64> = direct.iter().skip(skip).map(|&(ts, at)| at - ts).collect();
+    let mut added: Vec<u64> = via_daemon
+        .iter()
+        .skip(skip)
+        .filter_map(|(ts, at)| first.get(ts).map(|d| at.saturating_sub(*d)))
+        .collect();
+    report_latency(
+        "lat_daemon",
+        "latency simulator -> bot via daemon",
+        &mut total,
+    );
+    report_latency(
+        "lat_direct",
+        "latency simulator -> direct client",
+        &mut straight,
+    );
+    report_latency(
+        "lat_added",
+        "latency added by the daemon (per event)",
+        &mut added,
+    );
+}
+
+/// A minimal zlib-stream gateway client for shard 0: IDENTIFY, say when the
+/// session is up, then inflate each frame and keep `(d.ts_ns, arrival)` of
+/// each MESSAGE_CREATE.
+async fn direct_client(url: String, n: usize, up: std::sync::mpsc::Sender<()>) -> Vec<(u64, u64)> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect to the simulator");
+    let identify = format!(
+        "{{\"op\":2,\"d\":{{\"token\":\"{TOKEN}\",\"intents\":33281,\"shard\":[0,1],\"properties\":{{\"os\":\"linux\",\"browser\":\"bench\",\"device\":\"bench\"}}}}}}"
+    );
+    ws.send(Message::text(identify)).await.expect("identify");
+    let mut inflater = Inflater::new(Compression::ZlibStream).expect("inflater");
+    let mut buf = Vec::new();
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let msg = ws.next().await.expect("open").expect("frame");
+        let at = mono_ns();
+        let Message::Binary(frame) = msg else {
+            continue;
+        };
+        if !inflater.push(&frame, &mut buf).expect("inflate") {
+            continue;
         }
-        if let Some(sender) = sender {
-            sender.join().expect("dispatcher");
+        let head = &buf[..buf.len().min(48)];
+        if contains(head, b"\"t\":\"GUILD_CREATE\"") {
+            let _ = up.send(());
+        } else if contains(head, b"\"t\":\"MESSAGE_CREATE\"") {
+            got.push((number_after(&buf, b"\"ts_ns\":"), at));
         }
-        report_latency(
-            "lat_direct",
-            "latency simulator -> direct client",
-            lat,
-            skip,
-        )
-    };
-    result(
-        "lat_added_p50_us",
-        (p50.saturating_sub(b50)) as f64 / 1000.0,
-        "us",
-        "latency added by the daemon, p50 (difference)",
-    );
-    result(
-        "lat_added_p99_us",
-        (p99.saturating_sub(b99)) as f64 / 1000.0,
-        "us",
-        "latency added by the daemon, p99 (difference)",
-    );
+    }
+    got
 }
 
 async fn startup(shards: u32, concurrency: u32) {
