@@ -30,6 +30,8 @@ use crate::ratelimit::SendLimiter;
 
 /// Largest WebSocket message accepted from Discord (compressed size).
 const MAX_WS_MESSAGE: usize = 32 << 20;
+/// Initial WebSocket read buffer per connection.
+const READ_BUFFER: usize = 16 * 1024;
 /// Bot commands waiting for the send limiter, per connection.
 const MAX_PENDING_COMMANDS: usize = 64;
 
@@ -315,7 +317,11 @@ impl Shard {
                 )),
                 None,
             );
+            // tungstenite reserves its whole read buffer per connection
+            // (128 KiB by default): most of an idle shard's memory. Frames
+            // are a few hundred bytes; larger messages still grow it.
             let ws_config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
                 .max_message_size(Some(self.config.max_message_size))
                 .max_frame_size(Some(self.config.max_message_size));
             let connect =
