@@ -5,6 +5,7 @@
 #
 #   benches/report.sh            # everything (a few minutes)
 #   BENCH_EVENTS=5000 BENCH_BLAST=20000 BENCH_PEER_EVENTS=10000 benches/report.sh   # quicker
+#   benches/report.sh --table-only   # the table again from the last run's results
 #
 # Absolute times on shared machines drift by tens of percent between runs;
 # the ratios are measured within one run (the floor and the hot path are
@@ -12,29 +13,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+mkdir -p target
+results=target/bench-results.txt
+if [ "${1:-}" != "--table-only" ]; then
+    echo "== building (release binary and bench executables)" >&2
+    cargo build --release --quiet
+    cargo bench --no-run --quiet
 
-echo "== building (release binary and bench executables)" >&2
-cargo build --release --quiet
-cargo bench --no-run --quiet
-
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-start=$(date +%s)
-run() {
-    echo "== cargo bench --bench $*" >&2
-    cargo bench --quiet --bench "$@" | grep '^RESULT ' >>"$results"
-}
-run hotpath
-run twilight
-run e2e -- blast replay latency memory startup
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
-elapsed=$(($(date +%s) - start))
+    : >"$results"
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    start=$(date +%s)
+    run() {
+        echo "== cargo bench --bench $*" >&2
+        cargo bench --quiet --bench "$@" | grep '^RESULT ' >>"$results"
+    }
+    run hotpath
+    run twilight
+    run e2e -- blast replay latency memory startup
+    load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+    echo "INFO load average before ${load_before}, after ${load_after}; benchmarks took $(($(date +%s) - start)) s" >>"$results"
+fi
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo
 echo "Machine: $(nproc) cores ($cpu), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo);" \
-    "load average before ${load_before}, after ${load_after}; benchmarks took ${elapsed} s;" \
+    "$(grep '^INFO ' "$results" | cut -d' ' -f2-);" \
     "$(rustc --version | cut -d' ' -f1-2); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo
 
@@ -43,7 +46,7 @@ $1 == "RESULT" { R[$2] = $3 }
 function has(k) { return (k in R) }
 function f(x, d) { return sprintf("%." d "f", x) }
 function row(fig, val, rf, rt, target, met) {
-    printf "| %-54s | %14s | %8s | %8s | %-22s | %-4s |\n", fig, val, rf, rt, target, met
+    printf "| %-54s | %14s | %8s | %9s | %-26s | %-4s |\n", fig, val, rf, rt, target, met
 }
 function yes(c) { return c ? "yes" : "NO" }
 function cpu(fig, us, target_floor, target_tw,   rf, rt, met, t) {
@@ -60,8 +63,8 @@ function cpu(fig, us, target_floor, target_tw,   rf, rt, met, t) {
 END {
     floor = has("floor_ns") ? R["floor_ns"] / 1000 : 0
     tw = has("peer_twilight_typed_cpu_us") ? R["peer_twilight_typed_cpu_us"] : 0
-    printf "| %-54s | %14s | %8s | %8s | %-22s | %-4s |\n", "figure", "value", "/floor", "/twilight", "target", "met?"
-    printf "|%s|%s|%s|%s|%s|%s|\n", "--------------------------------------------------------", "----------------", "----------", "----------", "------------------------", "------"
+    printf "| %-54s | %14s | %8s | %9s | %-26s | %-4s |\n", "figure", "value", "/floor", "/twilight", "target", "met?"
+    printf "|%s|%s|%s|%s|%s|%s|\n", "--------------------------------------------------------", "----------------", "----------", "-----------", "----------------------------", "------"
     cpu("floor: zlib inflate + op/t/s, in process", floor, 0, 0)
     if (has("floor_inflate_only_ns")) cpu("  of which inflate alone", R["floor_inflate_only_ns"] / 1000, 0, 0)
     if (has("hot_zlib_ns")) cpu("hot path in process, zlib-stream", R["hot_zlib_ns"] / 1000, 1.3, 0)
@@ -69,7 +72,7 @@ END {
     if (has("hot_zlib_append_ns")) cpu("  stage: + EventLog::append", R["hot_zlib_append_ns"] / 1000, 0, 0)
     if (has("hot_zstd_ns")) cpu("hot path in process, zstd-stream", R["hot_zstd_ns"] / 1000, 0, 0)
     if (has("hot_none_ns")) cpu("hot path in process, none", R["hot_none_ns"] / 1000, 0, 0)
-    if (has("hot_zlib_allocs")) row("hot path heap allocations per event (floor: " f(R["floor_allocs"], 1) ")", f(R["hot_zlib_allocs"], 1), "-", "-", "0 in steady state", yes(R["hot_zlib_allocs"] < 0.5))
+    if (has("hot_zlib_allocs")) row("hot path allocations/event (serde_json, as in floor: " f(R["floor_allocs"], 1) ")", f(R["hot_zlib_allocs"], 1), "-", "-", "0 in steady state", yes(R["hot_zlib_allocs"] < 0.5))
     if (has("peer_twilight_typed_cpu_us")) cpu("twilight-gateway typed events (thread CPU)", tw, 0, 0)
     if (has("peer_twilight_raw_cpu_us")) cpu("twilight-gateway raw messages (thread CPU)", R["peer_twilight_raw_cpu_us"], 0, 0)
     if (has("peer_shardwarden_shard_cpu_us")) cpu("shardwarden Shard actor, same harness (thread CPU)", R["peer_shardwarden_shard_cpu_us"], 0, 0)
