@@ -14,8 +14,8 @@ pub struct Envelope<'a> {
     /// Sequence number (dispatches only).
     #[serde(default)]
     pub s: Option<u64>,
-    /// Event name (dispatches only).
-    #[serde(default, borrow)]
+    /// Event name (dispatches only); borrowed unless it holds escapes.
+    #[serde(default, borrow, deserialize_with = "borrowed_name")]
     pub t: Option<Cow<'a, str>>,
     /// Event data, unparsed. Absent and `null` both read as `None`.
     #[serde(default, borrow)]
@@ -33,6 +33,18 @@ impl<'a> Envelope<'a> {
     pub fn raw_d(&self) -> &'a str {
         self.d.map_or("null", RawValue::get)
     }
+}
+
+/// `Option<Cow<str>>` that borrows from the payload. serde's `borrow` only
+/// reaches a `Cow` that is the field itself; inside an `Option` the `Cow`
+/// would be deserialized owned, one `String` per dispatch.
+fn borrowed_name<'de, D>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Name<'de>>::deserialize(deserializer)?.map(|name| name.0))
 }
 
 /// The parts of READY the daemon needs.
@@ -64,6 +76,17 @@ mod tests {
         assert_eq!(env.s, Some(42));
         assert_eq!(env.t.as_deref(), Some("MESSAGE_CREATE"));
         assert_eq!(env.raw_d(), r#"{"content":"a \"b\"","nested":{"x":[1,2]}}"#);
+    }
+
+    #[test]
+    fn event_name_is_borrowed_unless_escaped() {
+        let env =
+            Envelope::parse(br#"{"op":0,"s":1,"t":"MESSAGE_CREATE","d":{}}"#).expect("parses");
+        assert!(matches!(env.t, Some(Cow::Borrowed("MESSAGE_CREATE"))));
+        let env = Envelope::parse(br#"{"op":0,"s":1,"t":"A\u0042C","d":{}}"#).expect("escaped");
+        assert_eq!(env.t.as_deref(), Some("ABC"));
+        let env = Envelope::parse(br#"{"op":11,"t":null}"#).expect("null t");
+        assert!(env.t.is_none());
     }
 
     #[test]

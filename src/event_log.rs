@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
 /// Cursors are reserved this many at a time in the state file, so a daemon
@@ -19,6 +19,13 @@ pub const CURSOR_LEASE: u64 = 1_000_000;
 
 /// Most ring entries one [`EventLog::read_after`] looks at.
 pub const MAX_SCAN: usize = 16 * 1024;
+
+/// Lines are written back to back into chunks of at least this size, each
+/// line a reference-counted slice of its chunk, so appending allocates once
+/// per chunk rather than twice per event. A chunk is freed when its last
+/// line has left the ring and every bot batch; the ring's memory is its
+/// byte capacity plus at most about two chunks.
+const LINE_CHUNK: usize = 64 * 1024;
 
 /// One held dispatch.
 #[derive(Clone)]
@@ -61,6 +68,8 @@ struct Ring {
     capacity: usize,
     /// Events evicted from the ring so far (for metrics).
     evicted: u64,
+    /// The rest of the chunk the next lines are written into.
+    arena: BytesMut,
 }
 
 /// The daemon-wide cursor-numbered replay ring.
@@ -87,6 +96,7 @@ impl EventLog {
                 bytes: 0,
                 capacity,
                 evicted: 0,
+                arena: BytesMut::new(),
             }),
             head,
             lease,
@@ -110,12 +120,16 @@ impl EventLog {
         t: &str,
         d: &[u8],
     ) -> u64 {
-        let mut line = Vec::with_capacity(d.len() + t.len() + 80);
+        // Fixed parts (56 bytes) and three numbers of at most 20 digits.
+        let longest = d.len() + t.len() + 56 + 3 * 20;
         let mut ring = self.lock();
         let cursor = ring.next_cursor;
-        write_dispatch_line(&mut line, cursor, shard, seq, t, d);
+        if ring.arena.capacity() < longest {
+            ring.arena = BytesMut::with_capacity(longest.max(LINE_CHUNK));
+        }
+        write_dispatch_line(&mut ring.arena, cursor, shard, seq, t, d);
         ring.next_cursor += 1;
-        let line = Bytes::from(line);
+        let line = ring.arena.split().freeze();
         ring.bytes += line.len();
         ring.entries.push_back(Entry {
             cursor,
@@ -244,35 +258,42 @@ impl EventLog {
 /// `{"op":"dispatch","cursor":C,"shard":S,"seq":Q,"t":"T","d":D}\n`.
 /// `t` comes from the configured event list (validated upper-case names), so
 /// it needs no escaping.
-fn write_dispatch_line(out: &mut Vec<u8>, cursor: u64, shard: u32, seq: u64, t: &str, d: &[u8]) {
+fn write_dispatch_line(
+    out: &mut impl BufMut,
+    cursor: u64,
+    shard: u32,
+    seq: u64,
+    t: &str,
+    d: &[u8],
+) {
     let mut num = itoa_buf();
-    out.extend_from_slice(b"{\"op\":\"dispatch\",\"cursor\":");
-    out.extend_from_slice(num.format(cursor));
-    out.extend_from_slice(b",\"shard\":");
-    out.extend_from_slice(num.format(shard as u64));
-    out.extend_from_slice(b",\"seq\":");
-    out.extend_from_slice(num.format(seq));
-    out.extend_from_slice(b",\"t\":\"");
-    out.extend_from_slice(t.as_bytes());
-    out.extend_from_slice(b"\",\"d\":");
+    out.put_slice(b"{\"op\":\"dispatch\",\"cursor\":");
+    out.put_slice(num.format(cursor));
+    out.put_slice(b",\"shard\":");
+    out.put_slice(num.format(shard as u64));
+    out.put_slice(b",\"seq\":");
+    out.put_slice(num.format(seq));
+    out.put_slice(b",\"t\":\"");
+    out.put_slice(t.as_bytes());
+    out.put_slice(b"\",\"d\":");
     if d.iter().any(|&b| b == b'\n' || b == b'\r') {
         // JSON may break lines between tokens; the bot protocol is one
         // object per line. Drop whitespace outside strings (inside strings
         // a raw newline cannot occur in valid JSON), keep everything else.
         push_without_line_breaks(out, d);
     } else {
-        out.extend_from_slice(d);
+        out.put_slice(d);
     }
-    out.extend_from_slice(b"}\n");
+    out.put_slice(b"}\n");
 }
 
 /// Copy JSON `d` without the whitespace between tokens.
-fn push_without_line_breaks(out: &mut Vec<u8>, d: &[u8]) {
+fn push_without_line_breaks(out: &mut impl BufMut, d: &[u8]) {
     let mut in_string = false;
     let mut escaped = false;
     for &b in d {
         if in_string {
-            out.push(b);
+            out.put_u8(b);
             if escaped {
                 escaped = false;
             } else if b == b'\\' {
@@ -282,9 +303,9 @@ fn push_without_line_breaks(out: &mut Vec<u8>, d: &[u8]) {
             }
         } else if b == b'"' {
             in_string = true;
-            out.push(b);
+            out.put_u8(b);
         } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            out.push(b);
+            out.put_u8(b);
         }
     }
 }
@@ -359,6 +380,36 @@ mod tests {
         let original: serde_json::Value = serde_json::from_slice(d).expect("valid");
         assert_eq!(v["d"], original);
         assert_eq!(v["d"]["content"], "a b\" \n c");
+    }
+
+    #[test]
+    fn lines_stay_intact_across_chunks_and_evictions() {
+        let log = EventLog::new(1, 300 * 1024);
+        let small = format!("{{\"x\":\"{}\"}}", "a".repeat(1000));
+        let huge = format!("{{\"x\":\"{}\"}}", "b".repeat(3 * LINE_CHUNK));
+        for seq in 1..=400u64 {
+            let d = if seq.is_multiple_of(97) {
+                &huge
+            } else {
+                &small
+            };
+            log.append(0, seq, 1, 0, "MESSAGE_CREATE", d.as_bytes());
+        }
+        let mut out = Vec::new();
+        log.read_after(0, u128::MAX, usize::MAX, &mut out);
+        let oldest = log.oldest();
+        for (i, v) in lines(&out).iter().enumerate() {
+            let cursor = oldest + i as u64;
+            assert_eq!(v["cursor"], cursor);
+            assert_eq!(v["seq"], cursor);
+            let want = if cursor.is_multiple_of(97) {
+                &huge
+            } else {
+                &small
+            };
+            assert_eq!(v["d"]["x"].as_str().map(str::len), Some(want.len() - 8));
+        }
+        assert_eq!(out.len() as u64, 400 - oldest + 1);
     }
 
     #[test]

@@ -32,6 +32,8 @@ use crate::ratelimit::SendLimiter;
 const MAX_WS_MESSAGE: usize = 32 << 20;
 /// Inflate buffer capacity kept between messages; larger ones are freed.
 const KEEP_BUFFER: usize = 256 << 10;
+/// Initial WebSocket read buffer per connection.
+const READ_BUFFER: usize = 16 * 1024;
 /// Bot commands waiting for the send limiter, per connection.
 const MAX_PENDING_COMMANDS: usize = 64;
 
@@ -370,11 +372,12 @@ impl Shard {
                 )),
                 None,
             );
-            // Small socket buffers: an idle shard should cost little memory
-            // (the defaults are 128 KiB each way); bursts still read 16 KiB
-            // per syscall and big messages grow the buffer as needed.
+            // tungstenite reserves its whole read buffer per connection
+            // (128 KiB by default): most of an idle shard's memory. Frames
+            // are a few hundred bytes; larger messages still grow it. No
+            // write buffering: heartbeats and commands go out at once.
             let ws_config = WebSocketConfig::default()
-                .read_buffer_size(16 << 10)
+                .read_buffer_size(READ_BUFFER)
                 .write_buffer_size(0)
                 .max_message_size(Some(self.config.max_message_size))
                 .max_frame_size(Some(self.config.max_message_size));
