@@ -679,20 +679,25 @@ async fn example_clients_receive_and_ack() {
     }
 }
 
+/// Write `text` as `dir/name.toml` and run `check-config` on it.
+fn check_config(dir: &Path, name: &str, text: &str) -> std::process::Output {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write");
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check-config")
+}
+
 #[test]
 fn check_config_prints_the_plan_or_names_the_fix() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let good = tmp.path().join("good.toml");
-    std::fs::write(
-        &good,
+    let out = check_config(
+        tmp.path(),
+        "good",
         "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\", \"GUILD_MESSAGES\", \"GUILD_PRESENCES\"]\nevents = [\"GUILD_CREATE\", \"MESSAGE_CREATE\"]\n[shards]\ntotal = 8\nrange = \"0..4\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
-    )
-    .expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&good)
-        .output()
-        .expect("run");
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
@@ -707,17 +712,11 @@ fn check_config_prints_the_plan_or_names_the_fix() {
     );
     assert!(text.contains("privileged"), "{text}");
 
-    let bad = tmp.path().join("bad.toml");
-    std::fs::write(
-        &bad,
+    let out = check_config(
+        tmp.path(),
+        "bad",
         "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_MEMBER_ADD\", \"MESAGE_CREATE\"]\n",
-    )
-    .expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .expect("run");
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -726,13 +725,7 @@ fn check_config_prints_the_plan_or_names_the_fix() {
     );
     assert!(err.contains("MESSAGE_CREATE"), "suggestion: {err}");
 
-    let syntax = tmp.path().join("syntax.toml");
-    std::fs::write(&syntax, "[discord]\ntoken_env = \n").expect("write");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&syntax)
-        .output()
-        .expect("run");
+    let out = check_config(tmp.path(), "syntax", "[discord]\ntoken_env = \n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("line 2"), "{err}");
