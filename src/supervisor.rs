@@ -384,7 +384,13 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     // cannot land after (and over) the final one.
     let _ = persister.await;
     let _ = server_task.await;
-    let sessions = sessions_to_save(&hub, &exits);
+    let sessions = sessions_to_save(
+        &hub,
+        exits.into_iter().filter_map(|(id, exit)| match exit {
+            ShardExit::Shutdown(Some(resume)) => Some((id, resume)),
+            _ => None,
+        }),
+    );
     let state = SavedState::new(hub.log.next_cursor(), total, sessions);
     match store.save(&state) {
         Ok(()) => tracing::info!(
@@ -460,7 +466,10 @@ async fn supervise<A: Actor>(mut actor: A, id: u32) -> (u32, ShardExit) {
 /// Sessions to persist: resume from what bots acknowledged where they ack
 /// (unacknowledged events are then replayed by Discord), else from the last
 /// sequence delivered.
-fn sessions_to_save(hub: &Hub, exits: &[(u32, ShardExit)]) -> Vec<SavedSession> {
+fn sessions_to_save(
+    hub: &Hub,
+    sessions: impl IntoIterator<Item = (u32, ResumeState)>,
+) -> Vec<SavedSession> {
     // Where bots ack, resume from the acknowledged point; else from what was
     // handed to a bot; with no bot at all, from before everything held, so
     // Discord replays what no bot has seen (at-least-once).
@@ -476,24 +485,21 @@ fn sessions_to_save(hub: &Hub, exits: &[(u32, ShardExit)]) -> Vec<SavedSession> 
         .map(|s| (s.shard, s.session_gen.load(Ordering::Relaxed)))
         .collect();
     let unacked = hub.log.lowest_unacked_seq(point, &gens);
-    exits
-        .iter()
-        .filter_map(|(id, exit)| match exit {
-            ShardExit::Shutdown(Some(resume)) => {
-                let seq = unacked
-                    .iter()
-                    .find(|(shard, _)| shard == id)
-                    .map_or(resume.seq, |&(_, lowest)| {
-                        lowest.saturating_sub(1).min(resume.seq)
-                    });
-                Some(SavedSession {
-                    shard: *id,
-                    session_id: resume.session_id.clone(),
-                    resume_url: resume.resume_url.clone(),
-                    seq,
-                })
+    sessions
+        .into_iter()
+        .map(|(shard, resume)| {
+            let seq = unacked
+                .iter()
+                .find(|&&(s, _)| s == shard)
+                .map_or(resume.seq, |&(_, lowest)| {
+                    lowest.saturating_sub(1).min(resume.seq)
+                });
+            SavedSession {
+                shard,
+                session_id: resume.session_id,
+                resume_url: resume.resume_url,
+                seq,
             }
-            _ => None,
         })
         .collect()
 }
@@ -514,19 +520,20 @@ async fn persist_loop(
             _ = shutdown.changed() => return,
         }
         let next_cursor = *lease.borrow_and_update();
-        let sessions = hub
-            .shards
-            .iter()
-            .filter_map(|s| {
-                let info = s.session();
-                Some(SavedSession {
-                    shard: s.shard,
+        // The same resume point as a clean shutdown, so a crash also
+        // redelivers what bots had not acknowledged.
+        let live = hub.shards.iter().filter_map(|s| {
+            let info = s.session();
+            Some((
+                s.shard,
+                ResumeState {
                     session_id: info.session_id?,
                     resume_url: info.resume_url?,
                     seq: s.seq.load(Ordering::Relaxed),
-                })
-            })
-            .collect();
+                },
+            ))
+        });
+        let sessions = sessions_to_save(&hub, live);
         let store = store.clone();
         let state = SavedState::new(next_cursor, total, sessions);
         let result = tokio::task::spawn_blocking(move || store.save(&state)).await;

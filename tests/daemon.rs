@@ -133,6 +133,14 @@ fn spawn_with_env(dir: &Path, config: &Path, token: &str, env: &[(&str, String)]
         .expect("spawn daemon")
 }
 
+/// A simulator recommending `n` shards, otherwise default.
+fn shards(n: u32) -> SimConfig {
+    SimConfig {
+        shards: n,
+        ..SimConfig::default()
+    }
+}
+
 async fn start(sim_cfg: SimConfig, extra: &str) -> (Simulator, Daemon, tempfile::TempDir) {
     let sim = Simulator::start(SimConfig {
         token: TOKEN.to_string(),
@@ -236,14 +244,7 @@ fn identifies(sim: &Simulator) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_reconnect_with_resume_from_gets_every_missed_event_once_in_order() {
-    let (sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 2,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (sim, daemon, _tmp) = start(shards(2), "").await;
     let (mut bot, welcome) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     assert_eq!(welcome["v"], 1);
     assert_eq!(welcome["shard_total"], 2);
@@ -300,14 +301,7 @@ async fn bot_reconnect_with_resume_from_gets_every_missed_event_once_in_order() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_reports_exactly_what_fell_out_of_the_ring() {
-    let (sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 1,
-            ..SimConfig::default()
-        },
-        "small_ring",
-    )
-    .await;
+    let (sim, daemon, _tmp) = start(shards(1), "small_ring").await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     bot.dispatches(3).await;
     drop(bot);
@@ -345,14 +339,7 @@ async fn gap_reports_exactly_what_fell_out_of_the_ring() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_then_restart_resumes_the_same_sessions_with_continuing_cursors() {
-    let (sim, mut daemon, _tmp) = start(
-        SimConfig {
-            shards: 2,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (sim, mut daemon, _tmp) = start(shards(2), "").await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     let first = bot.dispatches(6).await;
     for i in 0..4 {
@@ -438,14 +425,7 @@ async fn sigterm_then_restart_resumes_the_same_sessions_with_continuing_cursors(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bot_never_stalls_shards_or_other_bots() {
-    let (sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 1,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (sim, daemon, _tmp) = start(shards(1), "").await;
     // A bot that subscribes and never reads.
     let stuck = UnixStream::connect_with_retry(&daemon.socket()).await;
     let (_stuck_read, mut stuck_write) = stuck.into_split();
@@ -569,14 +549,7 @@ async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_a_table_and_exits_by_health() {
-    let (_sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 2,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (_sim, daemon, _tmp) = start(shards(2), "").await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     bot.dispatches(6).await;
     let out = tokio::task::spawn_blocking({
@@ -619,14 +592,7 @@ async fn status_prints_a_table_and_exits_by_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_clients_receive_and_ack() {
-    let (_sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 2,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (_sim, daemon, _tmp) = start(shards(2), "").await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let clients: Vec<(&str, PathBuf)> = vec![
         ("python3", root.join("examples/python/bot.py")),
@@ -762,14 +728,8 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_and_current() {
     let port = free_port();
-    let (sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 2,
-            ..SimConfig::default()
-        },
-        &format!("metrics_listen = \"127.0.0.1:{port}\""),
-    )
-    .await;
+    let (sim, daemon, _tmp) =
+        start(shards(2), &format!("metrics_listen = \"127.0.0.1:{port}\"")).await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     bot.dispatches(6).await;
     sim.dispatch(1, "MESSAGE_CREATE", json!({"n": 1}));
@@ -944,14 +904,7 @@ async fn systemd_notify_ready_status_watchdog_and_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_what_it_can_and_names_what_needs_a_restart() {
     use std::os::unix::fs::PermissionsExt;
-    let (sim, daemon, _tmp) = start(
-        SimConfig {
-            shards: 1,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let (sim, daemon, _tmp) = start(shards(1), "").await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
     bot.dispatches(3).await;
     let text = std::fs::read_to_string(&daemon.config).expect("config");
@@ -1097,4 +1050,58 @@ async fn sigterm_while_discord_is_unreachable_exits_cleanly() {
         daemon.log().contains("503"),
         "the failure was logged with its status"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_restart_resumes_from_the_acked_point_and_never_reuses_cursors() {
+    let (sim, mut daemon, _tmp) = start(shards(1), "").await;
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
+    bot.dispatches(3).await;
+    for i in 0..4 {
+        sim.dispatch(0, "MESSAGE_CREATE", json!({"n": i}));
+    }
+    let more = bot.dispatches(4).await;
+    let acked_seq = more[1]["seq"].as_u64().unwrap();
+    bot.send(json!({"op":"ack","cursor":more[1]["cursor"]}))
+        .await;
+    // The periodic save (every 5 s at least) records the acked point.
+    let state_path = daemon.dir.join("state/state.json");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let saved: Option<Value> = std::fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if saved
+            .as_ref()
+            .and_then(|v| v["sessions"][0]["seq"].as_u64())
+            == Some(acked_seq)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state never saved the acked seq: {saved:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A crash: no clean shutdown.
+    daemon.child.kill().expect("kill");
+    let _ = daemon.child.wait();
+    daemon.restart();
+    wait_sim(&sim, "RESUME", |s| s.frames().iter().any(|f| f.op == 6)).await;
+    let resume = sim
+        .frames()
+        .into_iter()
+        .find(|f| f.op == 6)
+        .expect("RESUME");
+    assert_eq!(resume.json["d"]["seq"], acked_seq);
+    assert_eq!(identifies(&sim), 1, "resumed, not identified");
+    let last = more[3]["cursor"].as_u64().unwrap();
+    let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(last))).await;
+    let again = bot.dispatches(2).await;
+    assert!(
+        cursors(&again).iter().all(|&c| c > last),
+        "no cursor reused after a crash"
+    );
+    assert_eq!(again[0]["seq"], more[2]["seq"], "unacked events come again");
 }
