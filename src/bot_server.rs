@@ -504,7 +504,9 @@ async fn handshake(
 /// The `welcome` for a subscription, and the cursor delivery starts after.
 fn plan_welcome(hub: &Hub, cfg: &BotServerConfig, resume_from: Option<u64>) -> (Welcome, u64) {
     let head = hub.log.head();
-    let oldest = hub.log.oldest();
+    let oldest = hub.log.oldest_held();
+    // Everything up to this cursor has either been handed out or is held.
+    let held_from = oldest.unwrap_or(head + 1);
     let mut shards: Vec<u32> = hub.shards.iter().map(|s| s.shard).collect();
     shards.sort_unstable();
     let mut welcome = Welcome {
@@ -522,7 +524,7 @@ fn plan_welcome(hub: &Hub, cfg: &BotServerConfig, resume_from: Option<u64>) -> (
     let start = match resume_from {
         None => head,
         // Cursors start at 1: 0 asks for everything held, and misses nothing.
-        Some(0) => oldest - 1,
+        Some(0) => held_from - 1,
         Some(cursor) if cursor > head => {
             welcome.resume_from_ahead = true;
             welcome.notice = Some(format!(
@@ -532,26 +534,36 @@ fn plan_welcome(hub: &Hub, cfg: &BotServerConfig, resume_from: Option<u64>) -> (
             head
         }
         Some(cursor) => {
-            welcome.missed = (oldest - 1).saturating_sub(cursor);
+            // Only cursors that were events and are gone count: unused
+            // cursors of an earlier life, and events Discord redelivered
+            // under new cursors after a restart, are not missed.
+            welcome.missed = hub.log.events_between(cursor + 1, held_from - 1);
             cursor
         }
     };
     (welcome, start)
 }
 
-/// Keeps `hub.bot_clients` right however a connection ends.
-struct ClientCount<'a>(&'a Hub);
+/// Keeps `hub.bot_clients` and the client's consumer entry right however a
+/// connection ends.
+struct ClientCount<'a> {
+    hub: &'a Hub,
+    /// The key this connection's acks go under.
+    consumer: String,
+}
 
 impl<'a> ClientCount<'a> {
-    fn add(hub: &'a Hub) -> Self {
+    fn add(hub: &'a Hub, client: &str, conn: u64) -> Self {
         hub.bot_clients.fetch_add(1, Ordering::Relaxed);
-        ClientCount(hub)
+        let consumer = hub.consumers.connect(client, conn);
+        ClientCount { hub, consumer }
     }
 }
 
 impl Drop for ClientCount<'_> {
     fn drop(&mut self) {
-        self.0.bot_clients.fetch_sub(1, Ordering::Relaxed);
+        self.hub.bot_clients.fetch_sub(1, Ordering::Relaxed);
+        self.hub.consumers.disconnect(&self.consumer);
     }
 }
 
@@ -621,8 +633,8 @@ async fn serve_bot(
             return;
         }
     }
-    let _count = ClientCount::add(&hub);
     let client = subscription.client;
+    let count = ClientCount::add(&hub, &client, conn);
     tracing::info!(
         conn,
         client = ?client,
@@ -644,6 +656,7 @@ async fn serve_bot(
             answers: answers_tx,
             delivered: delivered.clone(),
             acked: acked.clone(),
+            consumer: count.consumer.clone(),
         },
     ));
 
@@ -857,8 +870,7 @@ impl Delivery {
             self.hub
                 .log
                 .read_after(self.position, self.filter, BATCH_BYTES, &mut self.lines);
-        if let Some((from, to)) = outcome.gap {
-            let lost = to + 1 - from;
+        if let Some((from, to, lost)) = outcome.gap {
             self.missed += lost;
             tracing::warn!(
                 conn = self.conn,
@@ -868,7 +880,8 @@ impl Delivery {
                 missed = lost,
                 "bot fell out of the replay ring; sending gap"
             );
-            self.out.extend_from_slice(&protocol::gap_line(from, to));
+            self.out
+                .extend_from_slice(&protocol::gap_line(from, to, lost));
             self.hub.gaps.fetch_add(1, Ordering::Relaxed);
             self.hub.missed.fetch_add(lost, Ordering::Relaxed);
         }
@@ -994,6 +1007,8 @@ struct Requests {
     delivered: Arc<AtomicU64>,
     /// Highest cursor this bot acknowledged.
     acked: Arc<AtomicU64>,
+    /// The key this bot's acks go under in `hub.consumers`.
+    consumer: String,
 }
 
 async fn read_requests(mut lines: LineReader, requests: Requests) -> io::Result<()> {
@@ -1035,7 +1050,7 @@ impl Requests {
                     ))));
                 }
                 self.acked.fetch_max(cursor, Ordering::Relaxed);
-                self.hub.acked.fetch_max(cursor, Ordering::Relaxed);
+                self.hub.consumers.ack(&self.consumer, cursor);
                 None
             }
             Request::Status => Some(self.hub.health_line()),
@@ -1289,7 +1304,10 @@ mod tests {
     impl Daemon {
         fn append(&self, event: &str) -> u64 {
             let index = self.hub.event_index(event).unwrap();
-            self.hub.log.append(0, 1, 1, index, event, b"{\"x\":1}")
+            self.hub
+                .log
+                .append(0, 1, 1, index, event, b"{\"x\":1}")
+                .expect("no lease limit in tests")
         }
 
         async fn bot(&self) -> Bot {
@@ -1525,7 +1543,7 @@ mod tests {
         bot.send(json!({"op":"ack","cursor":wanted})).await;
         daemon
             .until("ack recorded", |hub| {
-                hub.acked.load(Ordering::Relaxed) == wanted
+                hub.consumers.resume_point(crate::clock::unix_millis()) == Some(wanted)
             })
             .await;
     }
@@ -1601,13 +1619,21 @@ mod tests {
         assert_eq!(bot.dispatches(3).await, vec![1, 2, 3]);
         bot.send(json!({"op":"ack","cursor":3})).await;
         daemon
-            .until("ack recorded", |hub| hub.acked.load(Ordering::Relaxed) == 3)
+            .until("ack recorded", |hub| {
+                hub.consumers.resume_point(crate::clock::unix_millis()) == Some(3)
+            })
             .await;
         bot.send(json!({"op":"ack","cursor":1})).await;
         bot.send(json!({"op":"ack","cursor":10})).await;
         let error = bot.expect_error("bad_request").await;
         assert!(error["message"].as_str().unwrap().contains("beyond"));
-        assert_eq!(daemon.hub.acked.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            daemon
+                .hub
+                .consumers
+                .resume_point(crate::clock::unix_millis()),
+            Some(3)
+        );
     }
 
     #[tokio::test]

@@ -63,10 +63,11 @@ pub fn check_config(path: &Path) -> ExitCode {
         config.shards.identify_reserve
     );
     println!(
-        "bot socket  {} (mode {:04o}), replay buffer {} bytes",
+        "bot socket  {} (mode {:04o}), replay buffer {} bytes, consumer_ttl {} s",
         config.bot.socket.display(),
         config.bot.socket_mode,
-        config.bot.replay_buffer
+        config.bot.replay_buffer,
+        config.bot.consumer_ttl.as_secs()
     );
     println!(
         "health      every {} s{}",

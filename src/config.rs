@@ -155,6 +155,9 @@ pub struct BotConfig {
     pub socket_mode: u32,
     /// Replay ring size in bytes.
     pub replay_buffer: usize,
+    /// How long a bot client that has not connected keeps holding the
+    /// resume point back with its last ack (DESIGN §3.3).
+    pub consumer_ttl: Duration,
 }
 
 /// `[health]`.
@@ -266,6 +269,7 @@ struct RawBot {
     socket: Option<PathBuf>,
     socket_mode: Option<toml::Value>,
     replay_buffer: Option<toml::Value>,
+    consumer_ttl: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -302,6 +306,9 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/shardwarden";
     /// How old a persisted session may be and still be resumed.
     pub const RESUME_WINDOW_SECS: u64 = 120;
+    /// `[bot] consumer_ttl`: an absent bot's acks hold the resume point
+    /// this long.
+    pub const CONSUMER_TTL_SECS: u64 = 24 * 3600;
 }
 
 impl Config {
@@ -467,6 +474,22 @@ impl Config {
         if replay_buffer < 64 << 10 {
             problems.push(format!("[bot] replay_buffer = {replay_buffer} bytes is too small: use at least \"64KiB\" (default \"256MiB\")"));
         }
+        let consumer_ttl = match b.consumer_ttl.as_deref() {
+            None => Duration::from_secs(defaults::CONSUMER_TTL_SECS),
+            Some(v) => match parse_duration(v) {
+                Ok(d) if d >= Duration::from_secs(1) => d,
+                Ok(_) => {
+                    problems.push(format!(
+                        "[bot] consumer_ttl = {v:?} is too short: use at least \"1s\" (default \"24h\")"
+                    ));
+                    Duration::from_secs(defaults::CONSUMER_TTL_SECS)
+                }
+                Err(e) => {
+                    problems.push(format!("[bot] consumer_ttl = {v:?}: {e}"));
+                    Duration::from_secs(defaults::CONSUMER_TTL_SECS)
+                }
+            },
+        };
 
         let h = raw.health;
         let log_interval = match h.log_interval.as_deref() {
@@ -537,6 +560,7 @@ impl Config {
                 socket,
                 socket_mode,
                 replay_buffer,
+                consumer_ttl,
             },
             health: HealthConfig {
                 log_interval,

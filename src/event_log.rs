@@ -54,15 +54,24 @@ pub struct ReadOutcome {
     /// either returned, filtered out or reported as a gap).
     pub after: u64,
     /// Cursors that fell out of the ring before the bot read them:
-    /// `(from, to)` inclusive.
-    pub gap: Option<(u64, u64)>,
+    /// `(from, to)` inclusive, and how many of them were events (cursors of
+    /// an earlier life that were never used, or whose events Discord
+    /// redelivered under new cursors, are not). `None` when nothing was lost.
+    pub gap: Option<(u64, u64, u64)>,
 }
 
 struct Ring {
     /// The cursor the next event gets.
     next_cursor: u64,
-    /// Cursors below this are reserved in the state file.
+    /// The lease asked of the state file (cursors below it).
     leased_until: u64,
+    /// Cursors below this are durably leased (written to the state file);
+    /// no event gets a cursor at or past it.
+    durable_until: u64,
+    /// Events refused because the lease could not be written.
+    refused: u64,
+    /// Cursor ranges of earlier lives that were not events (sorted, merged).
+    not_missed: Vec<(u64, u64)>,
     entries: VecDeque<Entry>,
     bytes: usize,
     capacity: usize,
@@ -92,6 +101,9 @@ impl EventLog {
             ring: Mutex::new(Ring {
                 next_cursor: first_cursor,
                 leased_until: first_cursor + CURSOR_LEASE,
+                durable_until: u64::MAX,
+                refused: 0,
+                not_missed: Vec::new(),
                 entries: VecDeque::new(),
                 bytes: 0,
                 capacity,
@@ -109,8 +121,35 @@ impl EventLog {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Append one dispatch; returns its cursor. `d` is the raw JSON Discord
-    /// sent and is copied into the line verbatim.
+    /// Only cursors below `until` may be handed out (the lease the state
+    /// file durably holds). The daemon sets this after every successful
+    /// write; a log made by [`EventLog::new`] has no limit until then.
+    pub fn set_durable_until(&self, until: u64) {
+        self.lock().durable_until = until;
+    }
+
+    /// Cursor ranges (inclusive) of earlier lives that were not events a bot
+    /// can miss; `missed` and `gap` leave them out.
+    pub fn set_not_missed(&self, ranges: Vec<(u64, u64)>) {
+        self.lock().not_missed = ranges;
+    }
+
+    /// Events refused so far because the cursor lease was not durable.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
+    }
+
+    /// How many cursors in `from..=to` were events (cursors in the
+    /// not-missed ranges of earlier lives are not).
+    pub fn events_between(&self, from: u64, to: u64) -> u64 {
+        events_between(&self.lock().not_missed, from, to)
+    }
+
+    /// Append one dispatch; returns its cursor, or `None` when the cursor
+    /// lease could not be written to the state file and the next cursor is
+    /// not durably leased (the event is not forwarded: handing it a cursor
+    /// that a restart could hand out again would be worse). `d` is the raw
+    /// JSON Discord sent and is copied into the line verbatim.
     pub fn append(
         &self,
         shard: u32,
@@ -119,11 +158,15 @@ impl EventLog {
         event: u8,
         t: &str,
         d: &[u8],
-    ) -> u64 {
+    ) -> Option<u64> {
         // Fixed parts (56 bytes) and three numbers of at most 20 digits.
         let longest = d.len() + t.len() + 56 + 3 * 20;
         let mut ring = self.lock();
         let cursor = ring.next_cursor;
+        if cursor >= ring.durable_until {
+            ring.refused += 1;
+            return None;
+        }
         if ring.arena.capacity() < longest {
             ring.arena = BytesMut::with_capacity(longest.max(LINE_CHUNK));
         }
@@ -152,7 +195,7 @@ impl EventLog {
         }
         drop(ring);
         self.head.send_replace(cursor);
-        cursor
+        Some(cursor)
     }
 
     /// The newest cursor handed out (0 when none yet).
@@ -183,6 +226,11 @@ impl EventLog {
             .map_or(ring.next_cursor, |entry| entry.cursor)
     }
 
+    /// The oldest cursor still held, `None` when nothing is held.
+    pub fn oldest_held(&self) -> Option<u64> {
+        self.lock().entries.front().map(|entry| entry.cursor)
+    }
+
     /// Bytes and events held, and events evicted so far.
     pub fn usage(&self) -> (usize, usize, u64) {
         let ring = self.lock();
@@ -209,7 +257,10 @@ impl EventLog {
             .map_or(ring.next_cursor, |entry| entry.cursor);
         let mut outcome = ReadOutcome { after, gap: None };
         if after + 1 < oldest {
-            outcome.gap = Some((after + 1, oldest - 1));
+            let missed = events_between(&ring.not_missed, after + 1, oldest - 1);
+            if missed > 0 {
+                outcome.gap = Some((after + 1, oldest - 1, missed));
+            }
             outcome.after = oldest - 1;
         }
         let start = (outcome.after + 1 - oldest) as usize;
@@ -253,6 +304,21 @@ impl EventLog {
         }
         lowest
     }
+}
+
+/// Cursors in `from..=to` outside the `not_missed` ranges.
+fn events_between(not_missed: &[(u64, u64)], from: u64, to: u64) -> u64 {
+    if from > to {
+        return 0;
+    }
+    let skipped: u64 = not_missed
+        .iter()
+        .map(|&(f, t)| {
+            let (f, t) = (f.max(from), t.min(to));
+            if f <= t { t - f + 1 } else { 0 }
+        })
+        .sum();
+    (to - from + 1).saturating_sub(skipped)
 }
 
 /// `{"op":"dispatch","cursor":C,"shard":S,"seq":Q,"t":"T","d":D}\n`.
@@ -347,7 +413,7 @@ mod tests {
         let log = EventLog::new(1, 1 << 20);
         let d = br#"{"content":"hi \"there\"","id":"1"}"#;
         let cursor = log.append(3, 678, 1, 0, "MESSAGE_CREATE", d);
-        assert_eq!(cursor, 1);
+        assert_eq!(cursor, Some(1));
         let mut out = Vec::new();
         log.read_after(0, u128::MAX, usize::MAX, &mut out);
         let v = &lines(&out)[0];
@@ -417,7 +483,7 @@ mod tests {
         let log = EventLog::new(500, 1 << 20);
         let a = log.append(0, 1, 1, 0, "READY", b"{}");
         let b = log.append(1, 1, 1, 0, "READY", b"{}");
-        assert_eq!((a, b), (500, 501));
+        assert_eq!((a, b), (Some(500), Some(501)));
         assert_eq!(log.head(), 501);
         assert_eq!(log.oldest(), 500);
     }
@@ -435,11 +501,45 @@ mod tests {
         assert!(oldest > 1);
         let mut out = Vec::new();
         let outcome = log.read_after(5, u128::MAX, usize::MAX, &mut out);
-        assert_eq!(outcome.gap, Some((6, oldest - 1)));
+        assert_eq!(outcome.gap, Some((6, oldest - 1, oldest - 6)));
         assert_eq!(outcome.after, 100);
         let got = lines(&out);
         assert_eq!(got.len(), held);
         assert_eq!(got[0]["cursor"], oldest);
+    }
+
+    #[test]
+    fn no_cursor_past_the_durable_lease() {
+        let log = EventLog::new(10, 1 << 20);
+        log.set_durable_until(12);
+        assert_eq!(log.append(0, 1, 1, 0, "MESSAGE_CREATE", b"{}"), Some(10));
+        assert_eq!(log.append(0, 2, 1, 0, "MESSAGE_CREATE", b"{}"), Some(11));
+        assert_eq!(log.append(0, 3, 1, 0, "MESSAGE_CREATE", b"{}"), None);
+        assert_eq!((log.head(), log.refused()), (11, 1));
+        // The lease is written: forwarding goes on with the next cursor.
+        log.set_durable_until(20);
+        assert_eq!(log.append(0, 4, 1, 0, "MESSAGE_CREATE", b"{}"), Some(12));
+    }
+
+    #[test]
+    fn cursors_of_earlier_lives_that_were_not_events_are_not_missed() {
+        // Life 1 used 1..=40; the bot acked 30; the sessions resumed from 30,
+        // so Discord redelivered 31..=40 under new cursors; a crash had
+        // leased up to 1000, so 41..=999 were never used.
+        let log = EventLog::new(1000, 1 << 20);
+        log.set_not_missed(vec![(31, 999)]);
+        for seq in 1..=5 {
+            log.append(0, seq, 1, 0, "MESSAGE_CREATE", b"{}");
+        }
+        let mut out = Vec::new();
+        let caught_up = log.read_after(30, u128::MAX, usize::MAX, &mut out);
+        assert_eq!((caught_up.gap, out.len()), (None, 5));
+        assert_eq!(log.events_between(31, 999), 0);
+        // A bot that had only finished 20 lost 21..=30 for real.
+        out.clear();
+        let behind = log.read_after(20, u128::MAX, usize::MAX, &mut out);
+        assert_eq!(behind.gap, Some((21, 999, 10)));
+        assert_eq!(log.events_between(21, 999), 10);
     }
 
     #[test]

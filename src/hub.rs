@@ -174,6 +174,10 @@ pub struct ShardStats {
     pub bytes: AtomicU64,
     /// Current session generation (bumped on each READY).
     pub session_gen: AtomicU32,
+    /// The highest seq of the current session that a resume may start from
+    /// (`u64::MAX` = no limit): set when events could not be forwarded (no
+    /// durable cursor lease), so a later restart has Discord replay them.
+    pub resume_cap: AtomicU64,
     /// Session id, resume URL and when the session started.
     session: Mutex<SessionInfo>,
     latencies: Mutex<Vec<u32>>,
@@ -220,6 +224,7 @@ impl ShardStats {
             unsubscribed: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             session_gen: AtomicU32::new(0),
+            resume_cap: AtomicU64::new(u64::MAX),
             session: Mutex::new(SessionInfo::default()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
             last_report: Mutex::new(None),
@@ -360,8 +365,10 @@ pub struct Hub {
     pub commands: HashMap<u32, mpsc::Sender<OutboundCommand>>,
     /// Identify budget as last known.
     pub budget: Mutex<IdentifyBudget>,
-    /// Highest cursor any bot acknowledged (0 = none).
-    pub acked: AtomicU64,
+    /// Each bot client's ack, and the resume point they give together.
+    pub consumers: crate::consumers::Consumers,
+    /// Events not forwarded because the cursor lease could not be written.
+    pub unforwarded: AtomicU64,
     /// Highest cursor handed to any bot's socket (0 = none).
     pub delivered: AtomicU64,
     /// Bot clients connected now.
@@ -398,7 +405,10 @@ impl Hub {
             sessions: broadcast::channel(4096).0,
             commands,
             budget: Mutex::new(budget),
-            acked: AtomicU64::new(0),
+            consumers: crate::consumers::Consumers::new(std::time::Duration::from_secs(
+                crate::config::defaults::CONSUMER_TTL_SECS,
+            )),
+            unforwarded: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             bot_clients: AtomicU32::new(0),
             gaps: AtomicU64::new(0),
@@ -503,16 +513,19 @@ impl Hub {
             })
             .collect();
         let (ring_bytes, ring_events, _) = self.log.usage();
+        let head = self.log.head();
         let message = HealthMessage {
             op: "health",
             at: crate::clock::now_rfc3339(),
             shards,
             identify_budget: *self.budget.lock().unwrap_or_else(|p| p.into_inner()),
-            head: self.log.head(),
-            oldest: self.log.oldest(),
+            head,
+            oldest: self.log.oldest_held(),
             ring_bytes,
             ring_events,
             bot_clients: self.bot_clients.load(Ordering::Relaxed),
+            clients: self.consumers.view(head),
+            unforwarded: self.unforwarded.load(Ordering::Relaxed),
         };
         let mut line = serde_json::to_vec(&message).unwrap_or_default();
         line.push(b'\n');
@@ -540,10 +553,14 @@ struct HealthMessage {
     shards: Vec<HealthShard>,
     identify_budget: IdentifyBudget,
     head: u64,
-    oldest: u64,
+    oldest: Option<u64>,
     ring_bytes: usize,
     ring_events: usize,
     bot_clients: u32,
+    /// Each bot client's ack and lag (DESIGN §3.3).
+    clients: Vec<crate::consumers::ConsumerView>,
+    /// Events not forwarded because the state directory could not be written.
+    unforwarded: u64,
 }
 
 /// A lifecycle change of one shard, as sent to diagnostics bots

@@ -11,9 +11,9 @@
 //! IDENTIFYs closer than 5 s and earn an op 9.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use tokio::time::{Duration, Instant};
 
 use crate::hub::{Hub, SessionReport};
@@ -32,6 +32,11 @@ const BUDGET_REMINDER: Duration = Duration::from_secs(300);
 pub struct IdentifyQueue {
     /// Last IDENTIFY sent per rate-limit bucket.
     buckets: Vec<Arc<Mutex<Option<Instant>>>>,
+    /// Last IDENTIFY sent per bucket, as unix ms (0 = never), for the state
+    /// file: the 5 s spacing must hold across daemon restarts too.
+    sent_ms: Arc<[AtomicU64]>,
+    /// Woken whenever an IDENTIFY goes out (the persister saves its time).
+    identified: Arc<Notify>,
     /// Identifies never spent (changeable on SIGHUP).
     reserve: AtomicU32,
     /// Pacing multiplier in percent (100 = Discord's limit); raised during a
@@ -47,10 +52,61 @@ impl IdentifyQueue {
             buckets: (0..max_concurrency.max(1))
                 .map(|_| Arc::new(Mutex::new(None)))
                 .collect(),
+            sent_ms: (0..max_concurrency.max(1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            identified: Arc::new(Notify::new()),
             reserve: AtomicU32::new(reserve),
             stretch_percent: AtomicU32::new(100),
             hub,
         }
+    }
+
+    /// Start from the IDENTIFY times an earlier daemon life saved, so no
+    /// bucket identifies within 5 s of its last IDENTIFY before a restart.
+    /// With a different `max_concurrency` the buckets do not line up, so
+    /// every bucket waits for the latest saved one. Call before any shard
+    /// acquires a turn.
+    pub fn restore(&self, saved: &crate::state::IdentifyTimes) {
+        let same = saved.max_concurrency as usize == self.buckets.len()
+            && saved.sent_ms.len() == self.buckets.len();
+        let now_ms = crate::clock::unix_millis();
+        let now = Instant::now();
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let at_ms = if same {
+                saved.sent_ms[i]
+            } else {
+                saved.latest_ms()
+            };
+            if at_ms == 0 {
+                continue;
+            }
+            self.sent_ms[i].store(at_ms, Ordering::Relaxed);
+            // A clock that went backwards counts as "just now".
+            let age = Duration::from_millis(now_ms.saturating_sub(at_ms));
+            if age < IDENTIFY_INTERVAL * 4
+                && let Ok(mut last) = bucket.try_lock()
+            {
+                *last = Some(now.checked_sub(age).unwrap_or(now));
+            }
+        }
+    }
+
+    /// Each bucket's last IDENTIFY, for the state file.
+    pub fn times(&self) -> crate::state::IdentifyTimes {
+        crate::state::IdentifyTimes {
+            max_concurrency: self.buckets.len() as u32,
+            sent_ms: self
+                .sent_ms
+                .iter()
+                .map(|t| t.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    /// Notified whenever an IDENTIFY goes out.
+    pub fn identified(&self) -> Arc<Notify> {
+        self.identified.clone()
     }
 
     /// Change the reserve (SIGHUP reload).
@@ -74,7 +130,8 @@ impl IdentifyQueue {
     /// spending. The bucket stays taken until the permit is marked sent (or
     /// dropped, when the connection failed before IDENTIFY).
     pub async fn acquire(&self, shard: u32) -> IdentifyPermit {
-        let bucket = self.buckets[shard as usize % self.buckets.len()].clone();
+        let index = shard as usize % self.buckets.len();
+        let bucket = self.buckets[index].clone();
         let last = bucket.lock_owned().await;
         loop {
             if let Some(at) = *last {
@@ -102,6 +159,9 @@ impl IdentifyQueue {
         IdentifyPermit {
             last,
             hub: self.hub.clone(),
+            sent_ms: self.sent_ms.clone(),
+            index,
+            identified: self.identified.clone(),
         }
     }
 
@@ -160,6 +220,9 @@ impl IdentifyQueue {
 pub struct IdentifyPermit {
     last: OwnedMutexGuard<Option<Instant>>,
     hub: Arc<Hub>,
+    sent_ms: Arc<[AtomicU64]>,
+    index: usize,
+    identified: Arc<Notify>,
 }
 
 impl IdentifyPermit {
@@ -167,6 +230,8 @@ impl IdentifyPermit {
     /// session start.
     pub fn sent(mut self) {
         *self.last = Some(Instant::now());
+        self.sent_ms[self.index].store(crate::clock::unix_millis(), Ordering::Relaxed);
+        self.identified.notify_one();
         let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
         budget.remaining = budget.remaining.saturating_sub(1);
     }
@@ -241,6 +306,36 @@ mod tests {
         queue.acquire(0).await.sent();
         assert_eq!(Instant::now().duration_since(before).as_secs(), 5);
         assert_eq!(queue.hub.budget.lock().unwrap().remaining, 997);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spacing_holds_across_restarts() {
+        let saved_ms = crate::clock::unix_millis() - 2000;
+        let before_restart = crate::state::IdentifyTimes {
+            max_concurrency: 2,
+            sent_ms: vec![saved_ms, 0],
+        };
+        let queue = IdentifyQueue::new(2, 0, hub(1000, 1000, 86_400_000));
+        queue.restore(&before_restart);
+        let start = Instant::now();
+        queue.acquire(1).await.sent();
+        assert!(Instant::now().duration_since(start) < Duration::from_millis(1));
+        queue.acquire(0).await.sent();
+        let waited = Instant::now().duration_since(start);
+        assert!(
+            waited >= Duration::from_millis(2900) && waited <= Duration::from_millis(3100),
+            "bucket 0 waits out the 5 s from its IDENTIFY before the restart: {waited:?}"
+        );
+        let times = queue.times();
+        assert_eq!(times.max_concurrency, 2);
+        assert!(times.sent_ms.iter().all(|&t| t > saved_ms));
+
+        // Another max_concurrency: buckets do not line up, so all wait.
+        let queue = IdentifyQueue::new(4, 0, hub(1000, 1000, 86_400_000));
+        queue.restore(&before_restart);
+        let start = Instant::now();
+        queue.acquire(3).await.sent();
+        assert!(Instant::now().duration_since(start) >= Duration::from_millis(2900));
     }
 
     #[tokio::test(start_paused = true)]

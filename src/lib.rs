@@ -15,10 +15,12 @@
 //! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
 //!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets and
 //!   the session-start budget), restarts crashed actors, detects incidents and
-//!   persists sessions through [`state`] on shutdown.
+//!   persists sessions, the cursor lease, acks and identify times through
+//!   [`persist`] (what and when) and [`state`] (the file).
 //! - **Event log and bot server**: [`hub`] is what the parts share (shard
 //!   statistics, session reports, command channels); [`event_log`] numbers
-//!   every dispatch with a cursor and keeps the replay ring; [`bot_server`]
+//!   every dispatch with a cursor and keeps the replay ring; [`consumers`]
+//!   keeps each bot client's ack (the resume point); [`bot_server`]
 //!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
 //!   [`status`] is `shardwarden status`.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
@@ -29,6 +31,7 @@ pub mod check;
 pub mod clock;
 pub mod compression;
 pub mod config;
+pub mod consumers;
 pub mod demo;
 pub mod envelope;
 pub mod event_log;
@@ -37,6 +40,7 @@ pub mod heartbeat;
 pub mod hub;
 pub mod identify_queue;
 pub mod intents;
+pub mod persist;
 pub mod protocol;
 pub mod ratelimit;
 pub mod rest;

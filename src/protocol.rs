@@ -455,8 +455,8 @@ pub struct Welcome {
     pub shards: Vec<u32>,
     /// Newest cursor.
     pub head: u64,
-    /// Oldest cursor still held (`head + 1` when nothing is held).
-    pub oldest: u64,
+    /// Oldest cursor still held (`null` when nothing is held).
+    pub oldest: Option<u64>,
     /// Cursors after `resume_from` that are no longer held.
     pub missed: u64,
     /// Addition: set when `resume_from` was ahead of `head` (a cursor from
@@ -476,8 +476,10 @@ impl Welcome {
     }
 }
 
-/// `{"op":"gap","from":F,"to":T,"missed":N}`: cursors `from..=to` are lost.
-pub fn gap_line(from: u64, to: u64) -> Bytes {
+/// `{"op":"gap","from":F,"to":T,"missed":N}`: cursors `from..=to` are lost;
+/// `missed` of them were events (cursors of an earlier daemon life that were
+/// never used, or whose events Discord redelivered, are not counted).
+pub fn gap_line(from: u64, to: u64, missed: u64) -> Bytes {
     #[derive(Serialize)]
     struct Gap {
         op: &'static str,
@@ -489,7 +491,7 @@ pub fn gap_line(from: u64, to: u64) -> Bytes {
         op: "gap",
         from,
         to,
-        missed: to + 1 - from,
+        missed,
     })
 }
 
@@ -626,7 +628,7 @@ mod tests {
     #[test]
     fn outgoing_lines() {
         assert_eq!(
-            &gap_line(6, 10)[..],
+            &gap_line(6, 10, 5)[..],
             b"{\"op\":\"gap\",\"from\":6,\"to\":10,\"missed\":5}\n"
         );
         assert_eq!(

@@ -207,7 +207,17 @@ impl Shard {
     ) -> Self {
         let events = (hub.events_generation(), hub.events());
         let (session, seq) = match resume {
-            Some(r) => (Some((r.session_id, r.resume_url)), r.seq),
+            Some(r) => {
+                // What the periodic save reads: a persisted session is live
+                // from the start, not only once a READY arrives.
+                stats.seq.store(r.seq, Ordering::Relaxed);
+                stats.set_session(SessionInfo {
+                    session_id: Some(r.session_id.clone()),
+                    resume_url: Some(r.resume_url.clone()),
+                    started: None,
+                });
+                (Some((r.session_id, r.resume_url)), r.seq)
+            }
             None => (None, 0),
         };
         Shard {
@@ -913,7 +923,7 @@ impl Shard {
                 match self.events.1.index(t) {
                     Some(index) => {
                         let generation = self.stats.session_gen.load(Ordering::Relaxed);
-                        self.hub.log.append(
+                        let appended = self.hub.log.append(
                             self.id(),
                             self.seq,
                             generation,
@@ -921,8 +931,18 @@ impl Shard {
                             t,
                             envelope.raw_d().as_bytes(),
                         );
-                        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                        self.stats.count_event(index);
+                        if appended.is_some() {
+                            self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                            self.stats.count_event(index);
+                        } else {
+                            // No durable cursor for it (the state directory
+                            // cannot be written): not forwarded, and a later
+                            // resume starts before it so Discord replays it.
+                            self.hub.unforwarded.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .resume_cap
+                                .fetch_min(self.seq.saturating_sub(1), Ordering::Relaxed);
+                        }
                     }
                     None => {
                         self.stats.unsubscribed.fetch_add(1, Ordering::Relaxed);
@@ -1057,6 +1077,7 @@ impl Shard {
                     .unwrap_or_else(|| self.config.gateway_url.clone());
                 self.session = Some((ready.session_id.clone(), resume_url.clone()));
                 self.stats.session_gen.fetch_add(1, Ordering::Relaxed);
+                self.stats.resume_cap.store(u64::MAX, Ordering::Relaxed);
                 self.stats.set_session(SessionInfo {
                     session_id: Some(ready.session_id),
                     resume_url: Some(resume_url),

@@ -18,9 +18,10 @@ use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
 use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState};
 use crate::identify_queue::IdentifyQueue;
+use crate::persist::{Persister, Restored};
 use crate::rest::{self, RestErrorKind};
 use crate::shard::{ResumeState, Shard, ShardConfig, ShardExit, gateway_url_ok};
-use crate::state::{SavedSession, SavedState, StateStore};
+use crate::state::StateStore;
 
 /// `EX_CONFIG`: a configuration or permission fault; systemd is told not to
 /// restart into it (`RestartPreventExitStatus=78`).
@@ -108,18 +109,29 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     crate::config::check_url(&api_base, &["https", "http"])
         .map_err(|e| DaemonError::config(format!("[discord] api_base = {api_base:?}: {e}")))?;
 
+    // Off the runtime's threads and with a timeout: a state file that
+    // blocks (a FIFO, a hung mount) must not hang start-up or signals.
     let store = StateStore::new(&config.state.dir);
-    let saved = match store.load() {
-        Ok(saved) => saved,
+    let loaded = tokio::select! {
+        loaded = store.load_async(crate::state::IO_TIMEOUT) => loaded,
+        _ = recv_signal(&mut sigterm) => return stopped_before_start("SIGTERM"),
+        _ = recv_signal(&mut sigint) => return stopped_before_start("SIGINT"),
+        _ = wait_true(&mut external) => return stopped_before_start("shutdown requested"),
+    };
+    let saved = match loaded {
+        Ok((saved, warning)) => {
+            if let Some(warning) = warning {
+                tracing::warn!(event = %"state_ignored", "{warning}");
+            }
+            saved
+        }
         Err(message) => {
-            tracing::warn!(event = %"state_ignored", "{message}");
-            None
+            return Err(DaemonError::config(format!(
+                "{message}. Refusing to start: without the state file cursors could be handed out twice and sessions would identify again. Fix or remove {} ([state] dir); after removing it, bots should reconnect with resume_from null",
+                store.path().display()
+            )));
         }
     };
-
-    if let Err(e) = check_writable(&config.state.dir) {
-        tracing::warn!(event = %"state_unwritable", dir = %config.state.dir.display(), "cannot write the state directory ({e}): sessions will not survive a restart and every restart will spend identifies; fix [state] dir or its permissions");
-    }
 
     tracing::info!(token = %token.fingerprint(), api_base = %api_base, "fetching /gateway/bot");
     let fetch = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300));
@@ -169,40 +181,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     );
 
     // Persisted sessions: fresh ones are resumed, stale ones dropped.
-    let mut resumes: HashMap<u32, ResumeState> = HashMap::new();
-    let mut first_cursor = 1;
-    if let Some(saved) = &saved {
-        first_cursor = saved.next_cursor.max(1);
-        let age =
-            Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
-        if saved.shard_total != total {
-            tracing::warn!(
-                event = %"state_ignored",
-                saved_total = saved.shard_total,
-                total,
-                "persisted sessions were for another shard count; identifying"
-            );
-        } else if age > config.state.resume_window {
-            tracing::warn!(
-                event = %"state_ignored",
-                age_s = age.as_secs(),
-                window_s = config.state.resume_window.as_secs(),
-                "persisted sessions are too old to resume; identifying"
-            );
-        } else {
-            for session in &saved.sessions {
-                if owned.contains(&session.shard) {
-                    resumes.insert(session.shard, session.into());
-                }
-            }
-            tracing::info!(
-                sessions = resumes.len(),
-                age_s = age.as_secs(),
-                next_cursor = first_cursor,
-                "resuming persisted sessions"
-            );
-        }
-    }
+    let restored = Restored::from_saved(saved, total, &owned, config.state.resume_window);
+    let first_cursor = restored.first_cursor;
+    let mut resumes = restored.resumes.clone();
 
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
@@ -224,6 +205,36 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             max_concurrency: limit.max_concurrency,
         },
     ));
+
+    hub.log.set_not_missed(restored.not_missed.clone());
+    hub.consumers.set_ttl(config.bot.consumer_ttl);
+    if let Some(saved) = &restored.saved {
+        hub.consumers.restore(&saved.clients, saved.saved_at_ms);
+    }
+    let queue = Arc::new(IdentifyQueue::new(
+        limit.max_concurrency,
+        config.shards.identify_reserve,
+        hub.clone(),
+    ));
+    if let Some(saved) = &restored.saved {
+        queue.restore(&saved.identify);
+    }
+    // The cursor lease (and the sessions being resumed) must be on disk
+    // before any event gets a cursor.
+    let mut persister = Persister::new(
+        store.clone(),
+        hub.clone(),
+        queue.clone(),
+        total,
+        restored.not_missed.clone(),
+    );
+    if let Err(e) = persister.lease(&restored).await {
+        return Err(DaemonError::config(format!(
+            "cannot write the state file {} ({e}). Refusing to start: cursors must be leased durably before any is handed out, or a crash could hand one out twice. Make [state] dir = {:?} writable (and not full) by the daemon's user",
+            store.path().display(),
+            config.state.dir.display()
+        )));
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(listen) = &config.health.metrics_listen {
@@ -256,11 +267,6 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
 
-    let queue = Arc::new(IdentifyQueue::new(
-        limit.max_concurrency,
-        config.shards.identify_reserve,
-        hub.clone(),
-    ));
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
     let mut shards = JoinSet::new();
     for &id in &owned {
@@ -287,15 +293,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     }
     drop(report_tx);
 
-    // Persist the cursor lease whenever it moves, and sessions periodically,
-    // so even a crash (no clean shutdown) never reuses a cursor.
-    let persister = tokio::spawn(persist_loop(
-        store.clone(),
-        hub.clone(),
-        total,
-        config.health.log_interval,
-        shutdown_rx.clone(),
-    ));
+    // Persist whatever a restart needs as it changes, so even a crash (no
+    // clean shutdown) resumes and never reuses a cursor.
+    let persister = tokio::spawn(persister.run(shutdown_rx.clone()));
 
     let mut summary = tokio::time::interval(config.health.log_interval);
     summary.tick().await;
@@ -382,41 +382,58 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     }
     // The persister stops on the shutdown signal; wait so its last write
     // cannot land after (and over) the final one.
-    let _ = persister.await;
+    let mut persister = match persister.await {
+        Ok(persister) => persister,
+        Err(e) => {
+            return Err(DaemonError {
+                exit_code: EXIT_FAILURE,
+                message: format!("the state writer failed ({e}); sessions were not saved"),
+            });
+        }
+    };
     let _ = server_task.await;
-    let sessions = sessions_to_save(
-        &hub,
-        exits.into_iter().filter_map(|(id, exit)| match exit {
+    let sessions: Vec<(u32, ResumeState)> = exits
+        .into_iter()
+        .filter_map(|(id, exit)| match exit {
             ShardExit::Shutdown(Some(resume)) => Some((id, resume)),
             _ => None,
-        }),
-    );
-    let state = SavedState::new(hub.log.next_cursor(), total, sessions);
-    match store.save(&state) {
-        Ok(()) => tracing::info!(
-            sessions = state.sessions.len(),
-            next_cursor = state.next_cursor,
-            path = %store.path().display(),
-            "state saved; the next start resumes these sessions"
-        ),
+        })
+        .collect();
+    match persister.finish(sessions).await {
+        Ok(state) => {
+            tracing::info!(
+                sessions = state.sessions.len(),
+                next_cursor = state.next_cursor,
+                clients = state.clients.len(),
+                path = %store.path().display(),
+                "state saved; the next start within [state] resume_window resumes these sessions"
+            );
+            Ok(())
+        }
         Err(e) => {
-            tracing::error!(path = %store.path().display(), error = %e, "cannot save state: the next start will identify again (check [state] dir permissions)")
+            let fallback = match persister.last_written() {
+                Some(last) => format!(
+                    "the next start uses the state written at {} ({} sessions, resumed if still within [state] resume_window = {} s; Discord then replays what came after it)",
+                    crate::clock::rfc3339_millis(last.saved_at_ms),
+                    last.sessions.len(),
+                    config.state.resume_window.as_secs()
+                ),
+                None => "no state was written in this run".to_string(),
+            };
+            Err(DaemonError {
+                exit_code: EXIT_FAILURE,
+                message: format!(
+                    "cannot save state to {} at shutdown ({e}); {fallback}. Fix [state] dir (permissions, free space)",
+                    store.path().display()
+                ),
+            })
         }
     }
-    Ok(())
 }
 
 fn stopped_before_start(reason: &str) -> Result<(), DaemonError> {
     tracing::info!(reason, "stopped before any shard started; nothing to save");
     Ok(())
-}
-
-/// Can the state directory be created and written?
-fn check_writable(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let probe = dir.join(format!(".write-test.{}", std::process::id()));
-    std::fs::write(&probe, b"")?;
-    std::fs::remove_file(&probe)
 }
 
 /// Something the supervisor runs and restarts after a panic.
@@ -459,86 +476,6 @@ async fn supervise<A: Actor>(mut actor: A, id: u32) -> (u32, ShardExit) {
                 );
                 tokio::time::sleep(wait).await;
             }
-        }
-    }
-}
-
-/// Sessions to persist: resume from what bots acknowledged where they ack
-/// (unacknowledged events are then replayed by Discord), else from the last
-/// sequence delivered.
-fn sessions_to_save(
-    hub: &Hub,
-    sessions: impl IntoIterator<Item = (u32, ResumeState)>,
-) -> Vec<SavedSession> {
-    // Where bots ack, resume from the acknowledged point; else from what was
-    // handed to a bot; with no bot at all, from before everything held, so
-    // Discord replays what no bot has seen (at-least-once).
-    let acked = hub.acked.load(Ordering::Relaxed);
-    let point = if acked > 0 {
-        acked
-    } else {
-        hub.delivered.load(Ordering::Relaxed)
-    };
-    let gens: Vec<(u32, u32)> = hub
-        .shards
-        .iter()
-        .map(|s| (s.shard, s.session_gen.load(Ordering::Relaxed)))
-        .collect();
-    let unacked = hub.log.lowest_unacked_seq(point, &gens);
-    sessions
-        .into_iter()
-        .map(|(shard, resume)| {
-            let seq = unacked
-                .iter()
-                .find(|&&(s, _)| s == shard)
-                .map_or(resume.seq, |&(_, lowest)| {
-                    lowest.saturating_sub(1).min(resume.seq)
-                });
-            SavedSession {
-                shard,
-                session_id: resume.session_id,
-                resume_url: resume.resume_url,
-                seq,
-            }
-        })
-        .collect()
-}
-
-async fn persist_loop(
-    store: StateStore,
-    hub: Arc<Hub>,
-    total: u32,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut lease = hub.log.subscribe_lease();
-    let mut tick = tokio::time::interval(every.max(Duration::from_secs(5)));
-    loop {
-        tokio::select! {
-            _ = lease.changed() => {}
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let next_cursor = *lease.borrow_and_update();
-        // The same resume point as a clean shutdown, so a crash also
-        // redelivers what bots had not acknowledged.
-        let live = hub.shards.iter().filter_map(|s| {
-            let info = s.session();
-            Some((
-                s.shard,
-                ResumeState {
-                    session_id: info.session_id?,
-                    resume_url: info.resume_url?,
-                    seq: s.seq.load(Ordering::Relaxed),
-                },
-            ))
-        });
-        let sessions = sessions_to_save(&hub, live);
-        let store = store.clone();
-        let state = SavedState::new(next_cursor, total, sessions);
-        let result = tokio::task::spawn_blocking(move || store.save(&state)).await;
-        if let Ok(Err(e)) = result {
-            tracing::warn!(error = %e, "cannot write the state file; a crash now would identify again (check [state] dir)");
         }
     }
 }
