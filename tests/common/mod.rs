@@ -2,6 +2,8 @@
 //! simulator over real loopback sockets.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
