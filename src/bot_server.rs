@@ -19,9 +19,14 @@
 //! - `resume_from: 0` means "everything held", so it never reports a gap;
 //!   a cursor ahead of `head` starts live at `head` and says so in `welcome`
 //!   (`resume_from_ahead`, `notice`).
-//! - `missed` and `gap` count cursors, whatever their event type: events the
-//!   bot's filter would have skipped are counted too, as the daemon no longer
-//!   knows what they were.
+//! - `missed` and `gap` count events, whatever their type: events the bot's
+//!   filter would have skipped are counted too, as the daemon no longer knows
+//!   what they were. Cursors of an earlier daemon life that were never used,
+//!   or whose events Discord redelivered under new cursors, are not events
+//!   and are not counted (`gap.from`/`to` still span them).
+//! - A bot's acks are kept under its hello `client` name (see
+//!   [`crate::consumers`]); a bot without a name holds the resume point only
+//!   while connected.
 //! - Op 31 without `shard`/`guild_id` is routed by its `d.guild_ids`: one
 //!   payload per owning shard, answered once (`sent` lists every shard in an
 //!   added `shards` field). If any guild's shard is not owned, nothing is sent.

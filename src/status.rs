@@ -128,4 +128,35 @@ fn print_table(health: &Value) {
         health["oldest"],
         health["bot_clients"],
     );
+    print_clients(health);
+}
+
+/// Each bot client's ack and lag (the slowest acking one sets the resume
+/// point after a restart).
+fn print_clients(health: &Value) {
+    let Some(clients) = health["clients"].as_array().filter(|c| !c.is_empty()) else {
+        return;
+    };
+    println!();
+    println!(
+        "{:<24} {:>9} {:>12} {:>10}  last seen",
+        "client", "connected", "acked", "lag"
+    );
+    let or_dash = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    for c in clients {
+        println!(
+            "{:<24} {:>9} {:>12} {:>10}  {}",
+            c["client"].as_str().unwrap_or("?"),
+            or_dash(&c["connected"]),
+            or_dash(&c["acked"]),
+            or_dash(&c["lag"]),
+            c["seen"].as_str().unwrap_or("-"),
+        );
+    }
+    if let Some(n) = health["unforwarded"].as_u64().filter(|&n| n > 0) {
+        println!();
+        println!(
+            "{n} event(s) NOT forwarded: the state directory cannot be written (see the log, event=state_unwritable)"
+        );
+    }
 }

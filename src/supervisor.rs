@@ -705,6 +705,11 @@ fn reload(
             }
         }
     }
+    if new.bot.consumer_ttl != current.bot.consumer_ttl {
+        hub.consumers.set_ttl(new.bot.consumer_ttl);
+        applied.push("[bot] consumer_ttl");
+        running.bot.consumer_ttl = new.bot.consumer_ttl;
+    }
     if new.shards.identify_reserve != current.shards.identify_reserve {
         queue.set_reserve(new.shards.identify_reserve);
         applied.push("[shards] identify_reserve");

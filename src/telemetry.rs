@@ -123,6 +123,7 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let missed = counter!("shardwarden_bot_missed_events_total");
     let shards_active = gauge!("shardwarden_shards_active");
     let shards_owned = gauge!("shardwarden_shards_owned");
+    let unforwarded = counter!("shardwarden_unforwarded_events_total");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -150,5 +151,11 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
                 .count() as f64,
         );
         shards_owned.set(hub.shards.len() as f64);
+        unforwarded.absolute(hub.unforwarded.load(Ordering::Relaxed));
+        for client in hub.consumers.view(hub.log.head()) {
+            if let Some(lag) = client.lag {
+                gauge!("shardwarden_client_ack_lag", "client" => client.client).set(lag as f64);
+            }
+        }
     }
 }
