@@ -50,15 +50,14 @@ use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, timeout_at};
 
-use crate::hub::{Hub, OutboundCommand, SendRefusal};
+use crate::hub::Hub;
 use crate::protocol::{
     self, ErrorDetail, Hello, MAX_LINE, PROTOCOL_VERSION, ProtocolError, Request, SendRequest,
-    SendTarget, Welcome, code,
+    Welcome, code,
 };
 
 /// A bot must send `hello` this soon after connecting (DESIGN.md §3.1).
@@ -1063,165 +1062,23 @@ impl Requests {
         }
     }
 
-    fn owned(&self) -> String {
-        let mut owned: Vec<u32> = self.hub.shards.iter().map(|s| s.shard).collect();
-        owned.sort_unstable();
-        format!("it owns {owned:?} of {}", self.hub.shard_total)
-    }
-
     /// Route a `send` to its shard(s). Refusals known at once are returned;
     /// otherwise a task waits for the shards' replies and queues the answer,
     /// so reading goes on meanwhile.
     fn send(&self, send: SendRequest) -> Option<Bytes> {
-        let SendRequest {
-            id,
-            target,
-            command,
-        } = send;
-        let refuse = |code, message: String| {
-            Some(self.refused(ProtocolError::new(code, message).with_id(Some(id.clone()))))
-        };
-        let hub = &self.hub;
-        let parts: Vec<(u32, String)> = match target {
-            SendTarget::Shard(shard) => {
-                if hub.shard(shard).is_none() {
-                    return refuse(
-                        code::SHARD_NOT_OWNED,
-                        format!(
-                            "shard {shard} is not owned by this daemon ({})",
-                            self.owned()
-                        ),
-                    );
-                }
-                vec![(shard, command.payload)]
+        match crate::commands::route(&self.hub, send) {
+            Err(refusal) => {
+                tracing::debug!(conn = self.conn, "bot send refused");
+                Some(refusal)
             }
-            SendTarget::Guild(guild) => {
-                let shard = hub.shard_for_guild(guild);
-                if hub.shard(shard).is_none() {
-                    return refuse(
-                        code::SHARD_NOT_OWNED,
-                        format!(
-                            "guild {guild} belongs to shard {shard}, which this daemon does not own ({})",
-                            self.owned()
-                        ),
-                    );
-                }
-                vec![(shard, command.payload)]
+            Ok(answer) => {
+                let answers = self.answers.clone();
+                tokio::spawn(async move {
+                    let _ = answers.send(answer.await).await;
+                });
+                None
             }
-            SendTarget::GuildIds => {
-                // Checked when parsed.
-                let guilds = command.guild_ids().unwrap_or_default();
-                let mut by_shard: Vec<(u32, Vec<u64>)> = Vec::new();
-                for guild in guilds {
-                    let shard = hub.shard_for_guild(guild);
-                    match by_shard.iter_mut().find(|(s, _)| *s == shard) {
-                        Some((_, ids)) => ids.push(guild),
-                        None => by_shard.push((shard, vec![guild])),
-                    }
-                }
-                let unowned: Vec<String> = by_shard
-                    .iter()
-                    .filter(|(shard, _)| hub.shard(*shard).is_none())
-                    .map(|(shard, ids)| format!("{ids:?} → shard {shard}"))
-                    .collect();
-                if !unowned.is_empty() {
-                    return refuse(
-                        code::SHARD_NOT_OWNED,
-                        format!(
-                            "guilds {} are on shards this daemon does not own ({}); nothing was sent",
-                            unowned.join(", "),
-                            self.owned()
-                        ),
-                    );
-                }
-                if by_shard.len() == 1 {
-                    vec![(by_shard[0].0, command.payload)]
-                } else {
-                    by_shard
-                        .iter()
-                        .map(|(shard, ids)| (*shard, command.payload_for_guilds(ids)))
-                        .collect()
-                }
-            }
-        };
-
-        let split = parts.len() > 1;
-        let mut queued = Vec::with_capacity(parts.len());
-        let mut failure: Option<(u32, SendRefusal)> = None;
-        for (shard, payload) in parts {
-            let (reply, replied) = oneshot::channel();
-            let command = OutboundCommand { payload, reply };
-            let refused = match hub.commands.get(&shard).map(|tx| tx.try_send(command)) {
-                Some(Ok(())) => {
-                    queued.push((shard, replied));
-                    continue;
-                }
-                Some(Err(TrySendError::Full(_))) => format!(
-                    "shard {shard}'s command queue is full (it is rate limited or reconnecting); retry later"
-                ),
-                Some(Err(TrySendError::Closed(_))) | None => {
-                    format!("shard {shard} is not running")
-                }
-            };
-            failure = Some((
-                shard,
-                SendRefusal {
-                    code: code::SHARD_UNAVAILABLE,
-                    message: refused,
-                },
-            ));
-            break;
         }
-        if queued.is_empty() {
-            let (_, refusal) = failure?;
-            return refuse(refusal.code, refusal.message);
-        }
-
-        let answers = self.answers.clone();
-        let conn = self.conn;
-        tokio::spawn(async move {
-            let mut sent = Vec::with_capacity(queued.len());
-            // Parts go out in order; the first one refused is reported.
-            let mut refused: Option<(u32, SendRefusal)> = None;
-            for (shard, replied) in queued {
-                let refusal = match replied.await {
-                    Ok(Ok(())) => {
-                        sent.push(shard);
-                        continue;
-                    }
-                    Ok(Err(refusal)) => refusal,
-                    Err(_) => SendRefusal {
-                        code: code::SHARD_UNAVAILABLE,
-                        message: format!(
-                            "shard {shard} dropped the command without sending it (reconnecting or stopping); retry"
-                        ),
-                    },
-                };
-                refused.get_or_insert((shard, refusal));
-            }
-            let failure = refused.or(failure);
-            let answer = match failure {
-                None => protocol::sent_line(&id, &sent),
-                Some((shard, refusal)) => {
-                    let message = if split {
-                        format!("shard {shard}: {}", refusal.message)
-                    } else {
-                        refusal.message
-                    };
-                    let mut error = ProtocolError::new(refusal.code, message).with_id(Some(id));
-                    if !sent.is_empty() {
-                        error = error.with_detail(ErrorDetail {
-                            sent_shards: Some(sent),
-                            ..ErrorDetail::default()
-                        });
-                    }
-                    tracing::debug!(conn, code = error.code, message = %error.message, "bot send refused");
-                    error.line()
-                }
-            };
-            let _ = answers.send(answer).await;
-        });
-        None
     }
 }
 
@@ -1234,7 +1091,7 @@ mod tests {
 
     use super::*;
     use crate::event_log::EventLog;
-    use crate::hub::{IdentifyBudget, SessionReport};
+    use crate::hub::{IdentifyBudget, OutboundCommand, SendRefusal, SessionReport};
 
     const EVENTS: [&str; 3] = ["GUILD_CREATE", "MESSAGE_CREATE", "INTERACTION_CREATE"];
     const WAIT: Duration = Duration::from_secs(10);

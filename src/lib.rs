@@ -22,6 +22,7 @@
 //!   every dispatch with a cursor and keeps the replay ring; [`consumers`]
 //!   keeps each bot client's ack (the resume point); [`bot_server`]
 //!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
+//!   [`commands`] routes a bot's gateway commands to the owning shard;
 //!   [`status`] is `shardwarden status`.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
@@ -29,6 +30,7 @@
 pub mod bot_server;
 pub mod check;
 pub mod clock;
+pub mod commands;
 pub mod compression;
 pub mod config;
 pub mod consumers;
