@@ -69,6 +69,16 @@ pub fn check_config(path: &Path) -> ExitCode {
         config.bot.replay_buffer,
         config.bot.consumer_ttl.as_secs()
     );
+    if let Some(b) = &config.broker {
+        println!(
+            "broker      JetStream at {}, stream {:?} (subjects {0}.events.>, {0}.sessions.>; commands on {0}.commands), max {} bytes / {} s, duplicate window {} s",
+            b.nats,
+            b.stream,
+            b.max_bytes,
+            b.max_age.as_secs(),
+            b.duplicate_window.as_secs()
+        );
+    }
     println!(
         "health      every {} s{}",
         config.health.log_interval.as_secs(),

@@ -196,6 +196,25 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[state]`
     pub state: StateConfig,
+    /// `[broker]`: JetStream for events and commands (DESIGN §4); off when
+    /// absent.
+    pub broker: Option<BrokerConfig>,
+}
+
+/// `[broker]` (DESIGN §4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    /// NATS server URL(s), comma-separated (`nats://host:4222`).
+    pub nats: String,
+    /// Stream name and subject prefix.
+    pub stream: String,
+    /// The stream keeps at most this many bytes (oldest dropped first).
+    pub max_bytes: u64,
+    /// The stream keeps messages at most this long.
+    pub max_age: Duration,
+    /// JetStream's duplicate window for `Nats-Msg-Id` (covers a failover or
+    /// a restart that replays events).
+    pub duplicate_window: Duration,
 }
 
 /// Everything wrong with a configuration, one message per problem.
@@ -239,6 +258,17 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     state: RawState,
+    broker: Option<RawBroker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    nats: Option<String>,
+    stream: Option<String>,
+    max_bytes: Option<String>,
+    max_age: Option<String>,
+    duplicate_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +336,8 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/shardwarden";
     /// How old a persisted session may be and still be resumed.
     pub const RESUME_WINDOW_SECS: u64 = 120;
+    /// `[broker] stream`.
+    pub const BROKER_STREAM: &str = "shardwarden";
     /// `[bot] consumer_ttl`: an absent bot's acks hold the resume point
     /// this long.
     pub const CONSUMER_TTL_SECS: u64 = 24 * 3600;
@@ -539,6 +571,8 @@ impl Config {
             },
         };
 
+        let broker = raw.broker.map(|b| broker_config(b, &mut problems));
+
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -572,7 +606,78 @@ impl Config {
                 dir: st.dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
                 resume_window,
             },
+            broker,
         })
+    }
+}
+
+/// `[broker]`, with every problem added to `problems`.
+fn broker_config(b: RawBroker, problems: &mut Vec<String>) -> BrokerConfig {
+    let nats = b.nats.unwrap_or_default();
+    if nats.is_empty() {
+        problems.push(
+            "[broker] nats is required when [broker] is present: the NATS server URL, e.g. \"nats://127.0.0.1:4222\" (remove [broker] to run without JetStream)".to_string(),
+        );
+    }
+    for url in nats.split(',').filter(|u| !u.trim().is_empty()) {
+        let url = url.trim();
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+            problems.push(format!(
+                "[broker] nats = {url:?} is not valid: use nats://host:port (or tls://host:port)"
+            ));
+        }
+    }
+    let stream = b
+        .stream
+        .unwrap_or_else(|| defaults::BROKER_STREAM.to_string());
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problems.push(format!(
+            "[broker] stream = {stream:?} is not valid: use letters, digits, '_' or '-' (it is the JetStream stream name and the subject prefix)"
+        ));
+    }
+    let size = |key: &str, value: Option<String>, default: &str, problems: &mut Vec<String>| {
+        let text = value.unwrap_or_else(|| default.to_string());
+        parse_size(&text).unwrap_or_else(|e| {
+            problems.push(format!("[broker] {key} = {text:?}: {e}"));
+            0
+        }) as u64
+    };
+    let duration = |key: &str, value: Option<String>, default: &str, problems: &mut Vec<String>| {
+        let text = value.unwrap_or_else(|| default.to_string());
+        match parse_duration(&text) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "[broker] {key} = {text:?} is too short: use at least \"1s\""
+                ));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                problems.push(format!("[broker] {key} = {text:?}: {e}"));
+                Duration::from_secs(1)
+            }
+        }
+    };
+    let max_bytes = size("max_bytes", b.max_bytes, "1GiB", problems);
+    let max_age = duration("max_age", b.max_age, "24h", problems);
+    let duplicate_window = duration("duplicate_window", b.duplicate_window, "2m", problems);
+    if duplicate_window > max_age {
+        problems.push(format!(
+            "[broker] duplicate_window ({} s) is longer than max_age ({} s): make it shorter",
+            duplicate_window.as_secs(),
+            max_age.as_secs()
+        ));
+    }
+    BrokerConfig {
+        nats,
+        stream,
+        max_bytes,
+        max_age,
+        duplicate_window,
     }
 }
 

@@ -123,6 +123,14 @@ impl Consumers {
         }
     }
 
+    /// The last ack under `key` (`None` before the first).
+    pub fn acked_of(&self, key: &str) -> Option<u64> {
+        self.lock()
+            .get(key)
+            .map(|c| c.acked)
+            .filter(|&acked| acked > 0)
+    }
+
     /// A connection under `key` ended.
     pub fn disconnect(&self, key: &str) {
         let mut clients = self.lock();

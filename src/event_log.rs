@@ -47,6 +47,42 @@ pub struct Entry {
     pub line: Bytes,
 }
 
+impl Ring {
+    /// Where a reader positioned after cursor `after` goes on: the outcome so
+    /// far (a gap when it fell out of the ring) and the index of its next
+    /// entry.
+    fn position_after(&self, after: u64) -> (ReadOutcome, usize) {
+        let oldest = self
+            .entries
+            .front()
+            .map_or(self.next_cursor, |entry| entry.cursor);
+        let mut outcome = ReadOutcome { after, gap: None };
+        if after + 1 < oldest {
+            let missed = events_between(&self.not_missed, after + 1, oldest - 1);
+            if missed > 0 {
+                outcome.gap = Some((after + 1, oldest - 1, missed));
+            }
+            outcome.after = oldest - 1;
+        }
+        let start = (outcome.after + 1 - oldest) as usize;
+        (outcome, start)
+    }
+}
+
+impl Entry {
+    /// Discord's `d` as held in the line (line breaks between tokens
+    /// removed), sharing the line's memory.
+    pub fn d(&self) -> Bytes {
+        let start = self
+            .line
+            .windows(6)
+            .position(|w| w == b"\",\"d\":")
+            .map_or(self.line.len(), |at| at + 6);
+        let end = self.line.len().saturating_sub(2).max(start);
+        self.line.slice(start..end)
+    }
+}
+
 /// What a bot's read found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReadOutcome {
@@ -251,19 +287,7 @@ impl EventLog {
         out: &mut Vec<Bytes>,
     ) -> ReadOutcome {
         let ring = self.lock();
-        let oldest = ring
-            .entries
-            .front()
-            .map_or(ring.next_cursor, |entry| entry.cursor);
-        let mut outcome = ReadOutcome { after, gap: None };
-        if after + 1 < oldest {
-            let missed = events_between(&ring.not_missed, after + 1, oldest - 1);
-            if missed > 0 {
-                outcome.gap = Some((after + 1, oldest - 1, missed));
-            }
-            outcome.after = oldest - 1;
-        }
-        let start = (outcome.after + 1 - oldest) as usize;
+        let (mut outcome, start) = ring.position_after(after);
         let mut taken = 0usize;
         let entries = ring.entries.range(start.min(ring.entries.len())..);
         for entry in entries.take(MAX_SCAN) {
@@ -274,6 +298,23 @@ impl EventLog {
                 taken += entry.line.len();
                 out.push(entry.line.clone());
             }
+            outcome.after = entry.cursor;
+        }
+        outcome
+    }
+
+    /// Like [`read_after`](Self::read_after) for every event, but the
+    /// entries themselves (their lines shared, not copied), for consumers
+    /// that need the shard, seq and session of each.
+    pub fn entries_after(&self, after: u64, max: usize, out: &mut Vec<Entry>) -> ReadOutcome {
+        let ring = self.lock();
+        let (mut outcome, start) = ring.position_after(after);
+        for entry in ring
+            .entries
+            .range(start.min(ring.entries.len())..)
+            .take(max)
+        {
+            out.push(entry.clone());
             outcome.after = entry.cursor;
         }
         outcome
@@ -506,6 +547,17 @@ mod tests {
         let got = lines(&out);
         assert_eq!(got.len(), held);
         assert_eq!(got[0]["cursor"], oldest);
+    }
+
+    #[test]
+    fn entries_carry_their_raw_d() {
+        let log = EventLog::new(1, 1 << 20);
+        log.append(2, 7, 1, 0, "MESSAGE_CREATE", b"{\"a\":{\"d\":1}}");
+        let mut out = Vec::new();
+        let outcome = log.entries_after(0, 10, &mut out);
+        assert_eq!((outcome.after, out.len()), (1, 1));
+        assert_eq!((out[0].shard, out[0].seq), (2, 7));
+        assert_eq!(&out[0].d()[..], b"{\"a\":{\"d\":1}}");
     }
 
     #[test]

@@ -180,6 +180,9 @@ pub struct ShardStats {
     pub resume_cap: AtomicU64,
     /// Session id, resume URL and when the session started.
     session: Mutex<SessionInfo>,
+    /// Session ids of the latest generations (for consumers reading the
+    /// event log behind the live session, e.g. JetStream message ids).
+    session_ids: Mutex<std::collections::VecDeque<(u32, Arc<str>)>>,
     latencies: Mutex<Vec<u32>>,
     /// Forwarded dispatches per configured event (index = filter bit).
     by_event: Box<[AtomicU64]>,
@@ -226,6 +229,7 @@ impl ShardStats {
             session_gen: AtomicU32::new(0),
             resume_cap: AtomicU64::new(u64::MAX),
             session: Mutex::new(SessionInfo::default()),
+            session_ids: Mutex::new(std::collections::VecDeque::new()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
             last_report: Mutex::new(None),
         }
@@ -307,6 +311,26 @@ impl ShardStats {
             .clone()
     }
 
+    /// Remember that session generation `generation` is Discord session `id`.
+    pub fn remember_session_id(&self, generation: u32, id: &str) {
+        let mut ids = self.session_ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.retain(|(g, _)| *g != generation);
+        if ids.len() == 8 {
+            ids.pop_front();
+        }
+        ids.push_back((generation, Arc::from(id)));
+    }
+
+    /// The Discord session id of generation `generation`, if still known.
+    pub fn session_id_of(&self, generation: u32) -> Option<Arc<str>> {
+        self.session_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, id)| id.clone())
+    }
+
     /// Replace the session (None fields clear it).
     pub fn set_session(&self, info: SessionInfo) {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = info;
@@ -369,6 +393,8 @@ pub struct Hub {
     pub consumers: crate::consumers::Consumers,
     /// Events not forwarded because the cursor lease could not be written.
     pub unforwarded: AtomicU64,
+    /// The JetStream sink's state (DESIGN §4).
+    pub broker: crate::cluster::broker::BrokerStats,
     /// Highest cursor handed to any bot's socket (0 = none).
     pub delivered: AtomicU64,
     /// Bot clients connected now.
@@ -409,6 +435,7 @@ impl Hub {
                 crate::config::defaults::CONSUMER_TTL_SECS,
             )),
             unforwarded: AtomicU64::new(0),
+            broker: Default::default(),
             delivered: AtomicU64::new(0),
             bot_clients: AtomicU32::new(0),
             gaps: AtomicU64::new(0),
@@ -526,6 +553,7 @@ impl Hub {
             bot_clients: self.bot_clients.load(Ordering::Relaxed),
             clients: self.consumers.view(head),
             unforwarded: self.unforwarded.load(Ordering::Relaxed),
+            broker: self.broker.view(head),
         };
         let mut line = serde_json::to_vec(&message).unwrap_or_default();
         line.push(b'\n');
@@ -561,6 +589,9 @@ struct HealthMessage {
     clients: Vec<crate::consumers::ConsumerView>,
     /// Events not forwarded because the state directory could not be written.
     unforwarded: u64,
+    /// The JetStream sink, when `[broker]` is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<crate::cluster::broker::BrokerView>,
 }
 
 /// A lifecycle change of one shard, as sent to diagnostics bots

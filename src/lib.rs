@@ -24,12 +24,15 @@
 //!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
 //!   [`commands`] routes a bot's gateway commands to the owning shard;
 //!   [`status`] is `shardwarden status`.
+//! - **Beyond one machine**: [`cluster`] (DESIGN §4): the JetStream sink and
+//!   the commands remote workers send over NATS.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
 //!   depends on it.
 pub mod bot_server;
 pub mod check;
 pub mod clock;
+pub mod cluster;
 pub mod commands;
 pub mod compression;
 pub mod config;

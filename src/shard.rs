@@ -211,6 +211,7 @@ impl Shard {
                 // What the periodic save reads: a persisted session is live
                 // from the start, not only once a READY arrives.
                 stats.seq.store(r.seq, Ordering::Relaxed);
+                stats.remember_session_id(stats.session_gen.load(Ordering::Relaxed), &r.session_id);
                 stats.set_session(SessionInfo {
                     session_id: Some(r.session_id.clone()),
                     resume_url: Some(r.resume_url.clone()),
@@ -1076,7 +1077,9 @@ impl Shard {
                     .resume_gateway_url
                     .unwrap_or_else(|| self.config.gateway_url.clone());
                 self.session = Some((ready.session_id.clone(), resume_url.clone()));
-                self.stats.session_gen.fetch_add(1, Ordering::Relaxed);
+                let generation = self.stats.session_gen.fetch_add(1, Ordering::Relaxed) + 1;
+                self.stats
+                    .remember_session_id(generation, &ready.session_id);
                 self.stats.resume_cap.store(u64::MAX, Ordering::Relaxed);
                 self.stats.set_session(SessionInfo {
                     session_id: Some(ready.session_id),

@@ -266,6 +266,15 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ))
     })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
+    let mut broker = match config.broker.clone() {
+        Some(cfg) => {
+            tracing::info!(nats = %cfg.nats, stream = %cfg.stream, "JetStream sink on");
+            crate::cluster::broker::start(cfg, hub.clone(), shutdown_rx.clone())
+                .await
+                .map_err(DaemonError::config)?
+        }
+        None => JoinSet::new(),
+    };
 
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
     let mut shards = JoinSet::new();
@@ -392,6 +401,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     };
     let _ = server_task.await;
+    // The sink's last acknowledged position goes into the final save.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while broker.join_next().await.is_some() {}
+    })
+    .await;
     let sessions: Vec<(u32, ResumeState)> = exits
         .into_iter()
         .filter_map(|(id, exit)| match exit {
@@ -749,6 +763,7 @@ fn reload(
             n.health.log_format != c.health.log_format,
             "[health] log_format",
         ),
+        (n.broker != c.broker, "[broker]"),
         (n.state.dir != c.state.dir, "[state] dir"),
         (
             n.state.resume_window != c.state.resume_window,
