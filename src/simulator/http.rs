@@ -321,7 +321,7 @@ fn take_bucket(
         ),
         ("X-RateLimit-Bucket".to_string(), bucket_hash(key)),
     ];
-    (headers, limited.then(|| reset_after.as_secs_f64()))
+    (headers, limited.then_some(reset_after.as_secs_f64()))
 }
 
 /// Injected failure for this request: `Some(Some(status, retry_after))`, `Some(None)` to hang up.

@@ -65,7 +65,7 @@ pub fn guild_of(id: u64) -> u64 {
 }
 
 fn guild_rng(guild_id: u64) -> StdRng {
-    StdRng::seed_from_u64(guild_id ^ 0x5eed_0f_d15c_0bd)
+    StdRng::seed_from_u64(guild_id ^ 0x0005_eed0_fd15_c0bd)
 }
 
 fn unix_now_ms() -> u64 {
