@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
+use super::handshake::{self, Prefixed};
 use super::payloads::{guild_ids_for_shard, message_create_payload_in};
 use super::world;
 use super::{
@@ -21,7 +22,7 @@ use super::{
     StreamCompressor,
 };
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Prefixed<TcpStream>>;
 
 /// Largest payload a client may send (bytes).
 const MAX_CLIENT_PAYLOAD: usize = 4096;
@@ -75,9 +76,14 @@ async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(1 << 20))
         .max_frame_size(Some(1 << 20));
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let accept = async {
+        let stream = handshake::read_head(stream).await.ok()?;
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+            .await
+            .ok()
+    };
     let mut ws = match tokio::time::timeout(Duration::from_secs(10), accept).await {
-        Ok(Ok(ws)) => ws,
+        Ok(Some(ws)) => ws,
         _ => return,
     };
     let (path, query) = target.unwrap_or_default();

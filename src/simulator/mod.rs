@@ -33,6 +33,7 @@
 
 mod compress;
 mod gateway;
+mod handshake;
 mod http;
 mod payloads;
 #[cfg(test)]
