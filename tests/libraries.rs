@@ -202,6 +202,8 @@ async fn run_library(lib: Lib) {
         shards: SHARDS,
         guilds_per_shard: 2,
         max_concurrency: 2,
+        // Like Discord's and the front door's: no path, the library appends `?v=10…`.
+        resume_path: String::new(),
         ..SimConfig::default()
     })
     .await
@@ -391,7 +393,7 @@ async fn run_library(lib: Lib) {
     assert_eq!(op8.shard, Some(0), "{lib:?}: op 8 on the guild's shard");
 
     // 6. The connection of shard 0 is cut while a message is posted: the library resumes
-    // on resume_gateway_url and gets the message exactly once.
+    // on resume_gateway_url (which has no path) and gets the message exactly once.
     assert!(sim.inject(0, Fault::Close(4000)));
     let guild = sim.shard_guilds(0)[1];
     let msg = sim
@@ -415,8 +417,13 @@ async fn run_library(lib: Lib) {
         .collect::<Vec<_>>();
     assert_eq!(resumed.len(), 1, "{lib:?}: {resumed:?}");
     assert_eq!(
-        resumed[0].path, "/resume",
+        resumed[0].path, "/",
         "{lib:?}: resumed on resume_gateway_url"
+    );
+    assert!(
+        resumed[0].query.contains("v=10"),
+        "{lib:?}: {:?}",
+        resumed[0]
     );
     assert_eq!(
         sim.frames().iter().filter(|f| f.op == 2).count(),

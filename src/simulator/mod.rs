@@ -101,6 +101,9 @@ pub struct SimConfig {
     pub message_bucket: (u32, Duration),
     /// REST bucket of every other route: requests per window.
     pub route_bucket: (u32, Duration),
+    /// Path of READY's `resume_gateway_url` (default `/resume`). `""` gives a URL with no
+    /// path, like Discord's own and the front door's, to which libraries append `?v=10…`.
+    pub resume_path: String,
 }
 
 impl Default for SimConfig {
@@ -122,6 +125,7 @@ impl Default for SimConfig {
             identify_window: Duration::from_secs(5),
             message_bucket: (5, Duration::from_secs(5)),
             route_bucket: (50, Duration::from_secs(1)),
+            resume_path: "/resume".to_string(),
         }
     }
 }
@@ -394,6 +398,7 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     api_addr: SocketAddr,
     gw_addr: SocketAddr,
+    resume_path: String,
 }
 
 impl Inner {
@@ -402,7 +407,7 @@ impl Inner {
     }
 
     fn resume_url(&self) -> String {
-        format!("ws://{}/resume", self.gw_addr)
+        format!("ws://{}{}", self.gw_addr, self.resume_path)
     }
 
     fn gateway_url(&self) -> String {
@@ -449,6 +454,7 @@ impl Simulator {
         let api = TcpListener::bind(("127.0.0.1", 0)).await?;
         let gw = TcpListener::bind(("127.0.0.1", 0)).await?;
         let (shutdown, _) = watch::channel(false);
+        let resume_path = cfg.resume_path.clone();
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 cfg,
@@ -466,6 +472,7 @@ impl Simulator {
             shutdown,
             api_addr: api.local_addr()?,
             gw_addr: gw.local_addr()?,
+            resume_path,
         });
         tokio::spawn(http::serve(inner.clone(), api));
         tokio::spawn(gateway::serve(inner.clone(), gw));
@@ -485,7 +492,8 @@ impl Simulator {
         self.inner.gateway_url()
     }
 
-    /// `ws://127.0.0.1:PORT2/resume` (READY's `resume_gateway_url`).
+    /// `ws://127.0.0.1:PORT2/resume` (READY's `resume_gateway_url`; see
+    /// [`SimConfig::resume_path`]).
     pub fn resume_url(&self) -> String {
         self.inner.resume_url()
     }

@@ -616,3 +616,32 @@ async fn websocket_accepts_library_urls_and_headers() {
     assert_eq!(last.path, "/");
     assert_eq!(last.query, "v=10&encoding=json&compress=zstd-stream");
 }
+
+#[tokio::test]
+async fn resume_on_a_resume_url_without_path() {
+    let sim = Simulator::start(SimConfig {
+        resume_path: String::new(),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sim.resume_url(), sim.gateway_url());
+    let (mut cl, sid, last) = ready_client(&sim, Compression::None, [0, 1]).await;
+    cl.close(4000).await;
+    sim.dispatch(0, "MESSAGE_CREATE", json!({"content": "missed"}));
+    // What a library makes of it: the query appended to the bare URL.
+    let url = format!("{}?v=10&encoding=json", sim.resume_url());
+    let mut cl = Client::connect_url(&url, Compression::None).await;
+    cl.hello().await;
+    cl.send(json!({"op": 6, "d": {"token": "sim-token-0000", "session_id": sid, "seq": last}}))
+        .await;
+    let missed = cl.json().await;
+    assert_eq!(missed["d"]["content"], "missed", "{missed}");
+    assert_eq!(cl.json().await["t"], "RESUMED");
+    let c = sim.connections().pop().unwrap();
+    assert!(c.resumed);
+    assert_eq!(
+        (c.path.as_str(), c.query.as_str()),
+        ("/", "v=10&encoding=json")
+    );
+}
