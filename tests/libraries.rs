@@ -87,7 +87,13 @@ struct Bot {
 }
 
 impl Bot {
-    fn spawn(mut cmd: Command, lib: Lib, sim: &Simulator, shards: &[u32]) -> Bot {
+    fn spawn(
+        mut cmd: Command,
+        lib: Lib,
+        sim: &Simulator,
+        shards: &[u32],
+        env: &[(&str, &str)],
+    ) -> Bot {
         let ids: Vec<String> = shards.iter().map(u32::to_string).collect();
         cmd.env("SW_API_BASE", sim.api_base())
             .env("SW_GATEWAY", sim.gateway_url())
@@ -98,6 +104,7 @@ impl Bot {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn the bot");
         let stdout = child.stdout.take().expect("stdout");
         let mut stderr = child.stderr.take().expect("stderr");
@@ -189,15 +196,21 @@ fn shard_of(guild: u64) -> u64 {
     (guild >> 22) % u64::from(SHARDS)
 }
 
-async fn run_library(lib: Lib) {
-    let cmd = match bot_command(lib) {
-        Ok(c) => c,
+/// The bot's command; `None` (after saying why) when the library is not installed and
+/// `CI` is not set. Under `CI` a missing library fails the test.
+fn bot_or_skip(lib: Lib) -> Option<Command> {
+    match bot_command(lib) {
+        Ok(c) => Some(c),
         Err(why) if in_ci() => panic!("{lib:?} bot cannot run under CI: {why}"),
         Err(why) => {
-            eprintln!("skipping the {lib:?} library test: {why}");
-            return;
+            eprintln!("skipping this {lib:?} test: {why}");
+            None
         }
-    };
+    }
+}
+
+async fn run_library(lib: Lib) {
+    let Some(cmd) = bot_or_skip(lib) else { return };
     let sim = Simulator::start(SimConfig {
         shards: SHARDS,
         guilds_per_shard: 2,
@@ -208,7 +221,7 @@ async fn run_library(lib: Lib) {
     })
     .await
     .expect("simulator");
-    let mut bot = Bot::spawn(cmd, lib, &sim, &[0, 1]);
+    let mut bot = Bot::spawn(cmd, lib, &sim, &[0, 1], &[]);
 
     // 1. Ready, with every guild of both shards fully in the library's cache.
     let ready = bot
@@ -460,6 +473,56 @@ async fn run_library(lib: Lib) {
         .expect("the bot exits")
         .expect("wait");
     assert!(status.success(), "{lib:?}: exit status {status}");
+}
+
+/// discord.py where zstandard is not installed asks for zlib-stream; one shard of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_py_with_zlib_stream_runs_one_shard_of_two() {
+    let lib = Lib::DiscordPy;
+    let Some(cmd) = bot_or_skip(lib) else { return };
+    let sim = Simulator::start(SimConfig {
+        shards: SHARDS,
+        guilds_per_shard: 3,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let mut bot = Bot::spawn(cmd, lib, &sim, &[1], &[("SW_COMPRESS", "zlib-stream")]);
+    let ready = bot
+        .wait_for("ready", READY_TIMEOUT, |e| e["event"] == "ready")
+        .await;
+    let ids: BTreeSet<String> = ready["guilds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = sim.shard_guilds(1).iter().map(u64::to_string).collect();
+    assert_eq!(ids, want);
+    let conns = sim.connections();
+    assert_eq!(conns.len(), 1);
+    assert!(
+        conns[0].query.contains("compress=zlib-stream"),
+        "{:?}",
+        conns[0]
+    );
+    let channel = world::text_channel_ids(sim.shard_guilds(1)[2])[0];
+    let msg = sim.member_message(channel, "inflated").unwrap();
+    let id = msg["id"].as_str().unwrap().to_string();
+    let ev = bot
+        .wait_for("the message", STEP_TIMEOUT, |e| {
+            e["event"] == "message_create" && e["id"] == id.as_str()
+        })
+        .await;
+    assert_eq!(ev["content"], "inflated");
+    bot.command(json!({"op": "exit"})).await;
+    bot.wait_for("exit", STEP_TIMEOUT, |e| e["event"] == "exit")
+        .await;
+    let status = tokio::time::timeout(STEP_TIMEOUT, bot.child.wait())
+        .await
+        .expect("the bot exits")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

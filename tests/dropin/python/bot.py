@@ -11,6 +11,8 @@ Environment:
   SW_TOKEN        bot token, without "Bot "                               (required)
   SW_SHARDS       shard ids this process runs, e.g. "0,1"                 (default "0")
   SW_SHARD_COUNT  total shard count                                      (default 1)
+  SW_COMPRESS     "zlib-stream": hide zstandard, so discord.py asks for zlib-stream as it
+                  does where zstandard is not installed (default: zstd-stream)
   SW_INTENTS      intents bitfield (default GUILDS|GUILD_MEMBERS|GUILD_EXPRESSIONS|
                   GUILD_MESSAGES|MESSAGE_CONTENT = 33291)
 
@@ -24,10 +26,14 @@ import os
 import sys
 import traceback
 
-import discord
-import discord.gateway
-import discord.http
-import yarl
+if os.environ.get("SW_COMPRESS") == "zlib-stream":
+    # As if zstandard were not installed: discord.py then falls back to zlib-stream.
+    sys.modules["zstandard"] = None
+
+import discord  # noqa: E402
+import discord.gateway  # noqa: E402
+import discord.http  # noqa: E402
+import yarl  # noqa: E402
 
 LIB = "discord.py"
 DEFAULT_INTENTS = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 9) | (1 << 15)
