@@ -238,7 +238,8 @@ enum Route {
 }
 
 impl Route {
-    /// (route, bucket template, major parameter) for a method and a path below `/api/vN`.
+    /// The route and its bucket key (`METHOD template major`) for a method and a path below
+    /// `/api/vN`; `Err` with 404 or 405.
     fn parse(method: &str, path: &str) -> Result<(Route, String), u16> {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let id = |s: &str| s.parse::<u64>().map_err(|_| 404u16);
