@@ -14,15 +14,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-use super::payloads::{
-    BOT_USER_ID, guild_create_payload, guild_ids_for_shard, message_create_payload_in,
-};
+use super::handshake::{self, Prefixed};
+use super::payloads::{guild_ids_for_shard, message_create_payload_in};
+use super::world;
 use super::{
     ALL_INTENTS, ClientFrame, Compression, ConnectionInfo, Fault, Inner, LiveConn, Session,
     StreamCompressor,
 };
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Prefixed<TcpStream>>;
 
 /// Largest payload a client may send (bytes).
 const MAX_CLIENT_PAYLOAD: usize = 4096;
@@ -76,9 +76,14 @@ async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(1 << 20))
         .max_frame_size(Some(1 << 20));
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let accept = async {
+        let stream = handshake::read_head(stream).await.ok()?;
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
+            .await
+            .ok()
+    };
     let mut ws = match tokio::time::timeout(Duration::from_secs(10), accept).await {
-        Ok(Ok(ws)) => ws,
+        Ok(Some(ws)) => ws,
         _ => return,
     };
     let (path, query) = target.unwrap_or_default();
@@ -445,22 +450,12 @@ impl Conn {
         let guild_ids = guild_ids_for_shard(shard_id, total, cfg.guilds_per_shard);
         let ready = json!({
             "v": 10,
-            "user": {
-                "id": BOT_USER_ID,
-                "username": "shardwarden-sim",
-                "discriminator": "0",
-                "global_name": null,
-                "avatar": null,
-                "bot": true,
-                "verified": true,
-                "mfa_enabled": false,
-                "flags": 0
-            },
+            "user": world::bot_user(),
             "guilds": guild_ids.iter().map(|g| json!({"id": g.to_string(), "unavailable": true})).collect::<Vec<_>>(),
             "session_id": session_id,
             "session_type": "normal",
             "resume_gateway_url": self.inner.resume_url(),
-            "application": {"id": BOT_USER_ID, "flags": 0},
+            "application": {"id": super::BOT_USER_ID, "flags": 0},
             "private_channels": [],
             "presences": [],
             "relationships": [],
@@ -475,7 +470,7 @@ impl Conn {
         }
         let guilds: Vec<String> = guild_ids
             .iter()
-            .map(|g| guild_create_payload(&mut self.rng, *g).to_string())
+            .map(|g| world::guild_create(*g, intents).to_string())
             .collect();
         let rejected = 'accept: {
             let mut st = self.inner.lock();
@@ -507,6 +502,7 @@ impl Conn {
                 attached: Some(self.id),
                 detached_at: None,
                 invalid: false,
+                guilds: guild_ids.iter().copied().collect(),
             };
             session.append("READY", &ready.to_string());
             for g in &guilds {
@@ -621,16 +617,57 @@ impl Conn {
         }
     }
 
+    /// Op 8: one GUILD_MEMBERS_CHUNK with the world's members of the guild that match
+    /// (`query` prefix, `user_ids`, `limit`), with presences when asked and the session has
+    /// GUILD_PRESENCES. `guild_id` may be a string or a number, as on Discord; a guild of
+    /// another shard gets an empty chunk.
     async fn on_request_members(&mut self, ws: &mut Ws, d: Value) -> Flow {
-        let guild_id = d.get("guild_id").cloned().unwrap_or(Value::Null);
+        let id_of = |v: &Value| match v {
+            Value::String(s) => s.parse::<u64>().ok(),
+            Value::Number(n) => n.as_u64(),
+            _ => None,
+        };
+        let guild_id = d.get("guild_id").and_then(id_of);
+        let (guilds, intents) = {
+            let st = self.inner.lock();
+            self.session
+                .as_ref()
+                .and_then(|sid| st.sessions.get(sid))
+                .map(|s| (s.guilds.clone(), s.intents))
+                .unwrap_or_default()
+        };
+        let user_ids: Vec<String> = match d.get("user_ids") {
+            Some(Value::Array(a)) => a.iter().filter_map(id_of).map(|i| i.to_string()).collect(),
+            Some(v) => id_of(v).map(|i| vec![i.to_string()]).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let limit = d.get("limit").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let (members, not_found) = match guild_id.filter(|g| guilds.contains(g)) {
+            Some(g) => {
+                world::request_members(g, d.get("query").and_then(Value::as_str), &user_ids, limit)
+            }
+            None => (Vec::new(), user_ids.clone()),
+        };
         let mut chunk = json!({
-            "guild_id": guild_id,
-            "members": [],
+            "guild_id": guild_id.map(|g| g.to_string()),
+            "members": members,
             "chunk_index": 0,
             "chunk_count": 1,
-            "not_found": [],
+            "not_found": not_found,
         });
-        if let Some(n) = d.get("nonce") {
+        let want_presences = d.get("presences").and_then(Value::as_bool) == Some(true);
+        if want_presences && intents & (1 << 8) != 0 {
+            chunk["presences"] = Value::Array(
+                members
+                    .iter()
+                    .map(|m| json!({"user": {"id": m["user"]["id"]}, "status": "online", "activities": [], "client_status": {"desktop": "online"}}))
+                    .collect(),
+            );
+        }
+        if let Some(n) = d
+            .get("nonce")
+            .filter(|n| n.as_str().is_some_and(|s| s.len() <= 32))
+        {
             chunk["nonce"] = n.clone();
         }
         self.append_and_pump(ws, "GUILD_MEMBERS_CHUNK", &chunk.to_string())

@@ -1,7 +1,9 @@
 //! An embedded, scriptable Discord gateway simulator.
 //!
 //! [`Simulator::start`] binds two loopback listeners: a minimal HTTP/1.1 server answering
-//! `GET /api/v10/gateway/bot`, and a WebSocket gateway that speaks the Discord v10 JSON
+//! the REST routes bot libraries call at login and use (`/gateway/bot`, `/users/@me`,
+//! `/oauth2/applications/@me`, `GET /channels/{id}`, `POST /channels/{id}/messages`, with
+//! Discord's rate-limit headers), and a WebSocket gateway that speaks the Discord v10 JSON
 //! protocol (HELLO, heartbeats, IDENTIFY/READY, RESUME/RESUMED, op 7/9, close codes,
 //! zlib-stream and zstd-stream transport compression). Tests and benchmarks steer it with
 //! [`Simulator::inject`] and [`Simulator::dispatch`] and inspect what clients did with
@@ -25,15 +27,20 @@
 //!   when the budget runs out).
 //! - A RESUME of a session that another live connection still holds takes the session over
 //!   and closes the old connection with 4000.
+//! - The guilds, their channels, roles, members … come from [`world`], generated from the
+//!   guild id: every connection sees the same world, and a message posted over REST (or with
+//!   [`Simulator::member_message`]) is dispatched on the shard owning the channel's guild.
 
 mod compress;
 mod gateway;
+mod handshake;
 mod http;
 mod payloads;
 #[cfg(test)]
 mod tests;
+pub mod world;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,9 +51,10 @@ use tokio::sync::{Notify, mpsc, watch};
 
 pub use compress::{Compression, StreamCompressor, UnknownCompression};
 pub use payloads::{
-    BOT_USER_ID, guild_create_payload, guild_ids_for_shard, message_create_payload,
-    message_create_payload_seeded, snowflake,
+    BOT_USER_ID, guild_ids_for_shard, message_create_payload, message_create_payload_seeded,
+    snowflake,
 };
+pub use world::guild_create as guild_create_payload;
 
 /// Privileged intent bits: GUILD_MEMBERS, GUILD_PRESENCES, MESSAGE_CONTENT.
 pub const PRIVILEGED_INTENTS: u64 = (1 << 1) | (1 << 8) | (1 << 15);
@@ -88,6 +96,14 @@ pub struct SimConfig {
     pub client_rate_limit: (u32, Duration),
     /// Identify concurrency window per bucket (Discord: 5 s).
     pub identify_window: Duration,
+    /// REST bucket of `POST /channels/{id}/messages`, per channel: requests per window
+    /// (Discord: 5 per 5 s).
+    pub message_bucket: (u32, Duration),
+    /// REST bucket of every other route: requests per window.
+    pub route_bucket: (u32, Duration),
+    /// Path of READY's `resume_gateway_url` (default `/resume`). `""` gives a URL with no
+    /// path, like Discord's own and the front door's, to which libraries append `?v=10…`.
+    pub resume_path: String,
 }
 
 impl Default for SimConfig {
@@ -107,6 +123,9 @@ impl Default for SimConfig {
             heartbeat_timeout: None,
             client_rate_limit: (120, Duration::from_secs(60)),
             identify_window: Duration::from_secs(5),
+            message_bucket: (5, Duration::from_secs(5)),
+            route_bucket: (50, Duration::from_secs(1)),
+            resume_path: "/resume".to_string(),
         }
     }
 }
@@ -141,7 +160,7 @@ pub enum Fault {
     Burst { count: u32, size: usize },
 }
 
-/// How `GET /gateway/bot` should fail.
+/// How the REST API (every route) should fail.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RestFailure {
     /// Every request fails with this status (429 uses the retry-after seconds) until cleared.
@@ -170,6 +189,20 @@ pub struct ClientFrame {
     /// The parsed frame (for unparsable frames: a JSON string with the lossy text).
     pub json: Value,
     /// Arrival time.
+    pub at: Instant,
+}
+
+/// One HTTP request the REST API received.
+#[derive(Debug, Clone)]
+pub struct RestCall {
+    pub method: String,
+    /// Path without the query, e.g. `/api/v10/users/@me`.
+    pub path: String,
+    pub user_agent: Option<String>,
+    /// Status answered (a hung-up request is not recorded).
+    pub status: u16,
+    /// The body, when it was JSON.
+    pub body: Option<Value>,
     pub at: Instant,
 }
 
@@ -224,6 +257,8 @@ pub(crate) struct Session {
     attached: Option<u64>,
     detached_at: Option<Instant>,
     invalid: bool,
+    /// The guilds of the session's shard.
+    guilds: HashSet<u64>,
 }
 
 impl Session {
@@ -279,9 +314,66 @@ pub(crate) struct State {
     buckets: HashMap<u32, Instant>,
     rest_failure: Option<RestFailure>,
     rest_requests: u64,
+    rest_calls: Vec<RestCall>,
+    /// Fixed-window REST buckets: key -> (window start, requests in it).
+    rest_buckets: HashMap<String, (Instant, u32)>,
 }
 
 impl State {
+    /// Whether `guild_id` is a guild of the simulated world: one of a session's shard, or of
+    /// the configured shard count.
+    fn guild_exists(&self, guild_id: u64) -> bool {
+        if self.sessions.values().any(|s| s.guilds.contains(&guild_id)) {
+            return true;
+        }
+        let total = self.cfg.shards.max(1);
+        let shard = ((guild_id >> 22) % u64::from(total)) as u32;
+        guild_ids_for_shard(shard, total, self.cfg.guilds_per_shard).contains(&guild_id)
+    }
+
+    /// Sends one dispatch to every live session holding `guild_id` whose intents include one
+    /// of `intents` (sequenced and logged for resume). When no live connection carries such a
+    /// session, the newest resumable one gets it logged, to be replayed on RESUME.
+    /// Returns how many sessions got it.
+    fn dispatch_to_guild(&mut self, guild_id: u64, intents: u64, t: &str, d: &str) -> usize {
+        self.dispatch_where(
+            |s| s.guilds.contains(&guild_id) && s.intents & intents != 0,
+            t,
+            d,
+        )
+    }
+
+    fn dispatch_where(&mut self, pick: impl Fn(&Session) -> bool, t: &str, d: &str) -> usize {
+        let now = Instant::now();
+        let timeout = self.cfg.session_timeout;
+        let State { sessions, live, .. } = self;
+        let mut n = 0;
+        for s in sessions.values_mut() {
+            if s.invalid || !pick(s) {
+                continue;
+            }
+            if let Some(c) = s.attached
+                && let Some(l) = live.get(&c)
+            {
+                s.append(t, d);
+                l.pump.notify_one();
+                n += 1;
+            }
+        }
+        if n == 0 {
+            // Newest resumable detached session: the one detached most recently.
+            let target = sessions
+                .values_mut()
+                .filter(|s| pick(s) && s.resumable(timeout, now))
+                .max_by_key(|s| s.detached_at);
+            if let Some(s) = target {
+                s.append(t, d);
+                n = 1;
+            }
+        }
+        n
+    }
+
     /// Frees the replay logs of sessions that can never be resumed again.
     fn gc_sessions(&mut self) {
         let now = Instant::now();
@@ -306,6 +398,7 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     api_addr: SocketAddr,
     gw_addr: SocketAddr,
+    resume_path: String,
 }
 
 impl Inner {
@@ -314,7 +407,7 @@ impl Inner {
     }
 
     fn resume_url(&self) -> String {
-        format!("ws://{}/resume", self.gw_addr)
+        format!("ws://{}{}", self.gw_addr, self.resume_path)
     }
 
     fn gateway_url(&self) -> String {
@@ -361,6 +454,7 @@ impl Simulator {
         let api = TcpListener::bind(("127.0.0.1", 0)).await?;
         let gw = TcpListener::bind(("127.0.0.1", 0)).await?;
         let (shutdown, _) = watch::channel(false);
+        let resume_path = cfg.resume_path.clone();
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 cfg,
@@ -371,11 +465,14 @@ impl Simulator {
                 buckets: HashMap::new(),
                 rest_failure: None,
                 rest_requests: 0,
+                rest_calls: Vec::new(),
+                rest_buckets: HashMap::new(),
             }),
             changed: Notify::new(),
             shutdown,
             api_addr: api.local_addr()?,
             gw_addr: gw.local_addr()?,
+            resume_path,
         });
         tokio::spawn(http::serve(inner.clone(), api));
         tokio::spawn(gateway::serve(inner.clone(), gw));
@@ -395,7 +492,8 @@ impl Simulator {
         self.inner.gateway_url()
     }
 
-    /// `ws://127.0.0.1:PORT2/resume` (READY's `resume_gateway_url`).
+    /// `ws://127.0.0.1:PORT2/resume` (READY's `resume_gateway_url`; see
+    /// [`SimConfig::resume_path`]).
     pub fn resume_url(&self) -> String {
         self.inner.resume_url()
     }
@@ -497,35 +595,35 @@ impl Simulator {
     /// Returns how many sessions got it.
     pub fn dispatch(&self, shard: u32, t: &str, d: Value) -> usize {
         let d = d.to_string();
+        self.inner
+            .lock()
+            .dispatch_where(|s| s.shard[0] == shard, t, &d)
+    }
+
+    /// A message from one of the guild's members in `channel_id` (a text channel or thread
+    /// of [`world`]), dispatched as MESSAGE_CREATE like Discord would: to the sessions holding
+    /// the channel's guild with GUILD_MESSAGES. Returns the message, or `None` for a channel
+    /// that does not exist.
+    pub fn member_message(&self, channel_id: u64, content: &str) -> Option<Value> {
+        let guild_id = world::guild_of(channel_id);
         let mut st = self.inner.lock();
-        let now = Instant::now();
-        let timeout = st.cfg.session_timeout;
-        let State { sessions, live, .. } = &mut *st;
-        let mut n = 0;
-        for s in sessions.values_mut() {
-            if s.shard[0] != shard || s.invalid {
-                continue;
-            }
-            if let Some(c) = s.attached
-                && let Some(l) = live.get(&c)
-            {
-                s.append(t, &d);
-                l.pump.notify_one();
-                n += 1;
-            }
+        if !st.guild_exists(guild_id) || !world::is_messageable(channel_id) {
+            return None;
         }
-        if n == 0 {
-            // Newest resumable detached session: the one detached most recently.
-            let target = sessions
-                .values_mut()
-                .filter(|s| s.shard[0] == shard && s.resumable(timeout, now))
-                .max_by_key(|s| s.detached_at);
-            if let Some(s) = target {
-                s.append(t, &d);
-                n = 1;
-            }
-        }
-        n
+        let msg = world::member_message(channel_id, content);
+        st.dispatch_to_guild(guild_id, 1 << 9, "MESSAGE_CREATE", &msg.to_string());
+        Some(msg)
+    }
+
+    /// The guilds of `shard` with the configured shard count.
+    pub fn shard_guilds(&self, shard: u32) -> Vec<u64> {
+        let cfg = &self.inner.lock().cfg;
+        guild_ids_for_shard(shard, cfg.shards.max(1), cfg.guilds_per_shard)
+    }
+
+    /// Every REST request answered so far, in order.
+    pub fn rest_calls(&self) -> Vec<RestCall> {
+        self.inner.lock().rest_calls.clone()
     }
 
     /// Stops the listeners and drops every connection.

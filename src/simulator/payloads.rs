@@ -113,7 +113,7 @@ pub fn snowflake<R: Rng + ?Sized>(rng: &mut R, ago_ms: u64) -> u64 {
     (ts << 22) | rng.random_range(0..(1u64 << 22))
 }
 
-fn iso_timestamp(unix_ms: u64) -> String {
+pub(crate) fn iso_timestamp(unix_ms: u64) -> String {
     // Civil-from-days (Howard Hinnant), UTC.
     let secs = unix_ms / 1000;
     let ms = unix_ms % 1000;
@@ -248,59 +248,4 @@ pub fn guild_ids_for_shard(shard: u32, total: u32, count: u32) -> Vec<u64> {
             (ts << 22) | (k & 0xfff)
         })
         .collect()
-}
-
-/// A GUILD_CREATE `d` for `guild_id`.
-pub fn guild_create_payload<R: Rng + ?Sized>(rng: &mut R, guild_id: u64) -> Value {
-    let channels: Vec<Value> = (0..4)
-        .map(|i| {
-            json!({
-                "id": snowflake(rng, 100_000_000).to_string(),
-                "type": if i == 3 { 2 } else { 0 },
-                "name": format!("{}-{}", WORDS[rng.random_range(0..WORDS.len())], i),
-                "position": i,
-                "permission_overwrites": [],
-                "parent_id": null,
-                "nsfw": false,
-                "topic": null,
-                "last_message_id": null,
-                "rate_limit_per_user": 0,
-                "flags": 0
-            })
-        })
-        .collect();
-    json!({
-        "id": guild_id.to_string(),
-        "name": format!("{} {}", NAMES[rng.random_range(0..NAMES.len())], WORDS[rng.random_range(0..WORDS.len())]),
-        "icon": null,
-        "owner_id": snowflake(rng, 5_000_000_000).to_string(),
-        "unavailable": false,
-        "large": false,
-        "member_count": rng.random_range(2..500),
-        "joined_at": iso_timestamp(BASE_UNIX_MS - 50_000_000),
-        "features": [],
-        "roles": [{"id": guild_id.to_string(), "name": "@everyone", "permissions": "2248473465835073", "position": 0, "color": 0, "hoist": false, "managed": false, "mentionable": false, "flags": 0}],
-        "emojis": [],
-        "stickers": [],
-        "channels": channels,
-        "threads": [],
-        "members": [{"user": {"id": BOT_USER_ID, "username": "shardwarden-sim", "bot": true, "discriminator": "0", "avatar": null}, "roles": [], "joined_at": iso_timestamp(BASE_UNIX_MS - 50_000_000), "deaf": false, "mute": false, "flags": 0}],
-        "presences": [],
-        "voice_states": [],
-        "stage_instances": [],
-        "guild_scheduled_events": [],
-        "soundboard_sounds": [],
-        "preferred_locale": "en-US",
-        "premium_tier": 0,
-        "system_channel_id": null,
-        "verification_level": 1,
-        "nsfw_level": 0,
-        "mfa_level": 0,
-        "explicit_content_filter": 0,
-        "default_message_notifications": 1,
-        "afk_timeout": 300,
-        "afk_channel_id": null,
-        "application_id": null,
-        "lazy": true
-    })
 }

@@ -783,3 +783,6 @@ fn simulator_is_send_and_sync() {
     check::<ClientFrame>();
     check::<ConnectionInfo>();
 }
+
+/// REST routes, the world's guilds and member chunks.
+mod world_rest;
