@@ -393,6 +393,9 @@ pub struct Hub {
     pub consumers: crate::consumers::Consumers,
     /// Events not forwarded because the cursor lease could not be written.
     pub unforwarded: AtomicU64,
+    /// Woken when a shard's session starts or ends, so the state file holds
+    /// it within milliseconds, not at the next periodic check.
+    pub session_changed: tokio::sync::Notify,
     /// The JetStream sink's state (DESIGN §4).
     pub broker: crate::cluster::broker::BrokerStats,
     /// Highest cursor handed to any bot's socket (0 = none).
@@ -435,6 +438,7 @@ impl Hub {
                 crate::config::defaults::CONSUMER_TTL_SECS,
             )),
             unforwarded: AtomicU64::new(0),
+            session_changed: tokio::sync::Notify::new(),
             broker: Default::default(),
             delivered: AtomicU64::new(0),
             bot_clients: AtomicU32::new(0),

@@ -229,6 +229,7 @@ impl Persister {
             tokio::select! {
                 _ = lease.changed() => {}
                 _ = identified.notified() => {}
+                _ = self.hub.session_changed.notified() => {}
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return self,
             }

@@ -249,6 +249,12 @@ impl Shard {
         })
     }
 
+    /// Record the session the periodic save reads, and have it saved now.
+    fn set_session(&self, info: SessionInfo) {
+        self.stats.set_session(info);
+        self.hub.session_changed.notify_one();
+    }
+
     fn set_state(&self, state: ShardState) {
         self.stats.set_state(state);
     }
@@ -345,7 +351,7 @@ impl Shard {
                 };
                 self.session = None;
                 self.seq = 0;
-                self.stats.set_session(SessionInfo::default());
+                self.set_session(SessionInfo::default());
                 self.report(
                     "invalidated",
                     None,
@@ -428,7 +434,7 @@ impl Shard {
             } else {
                 self.attempt += 1;
             }
-            self.stats.set_session(SessionInfo {
+            self.set_session(SessionInfo {
                 session_id: self.session.as_ref().map(|(id, _)| id.clone()),
                 resume_url: self.session.as_ref().map(|(_, url)| url.clone()),
                 started: self.stats.session().started,
@@ -482,7 +488,7 @@ impl Shard {
                 } => {
                     self.session = None;
                     self.seq = 0;
-                    self.stats.set_session(SessionInfo::default());
+                    self.set_session(SessionInfo::default());
                     let wait = if invalid_session {
                         // Facts §4.7: a random 1–5 s wait before re-identifying.
                         Duration::from_millis(rand::rng().random_range(1000..5000))
@@ -1081,7 +1087,7 @@ impl Shard {
                 self.stats
                     .remember_session_id(generation, &ready.session_id);
                 self.stats.resume_cap.store(u64::MAX, Ordering::Relaxed);
-                self.stats.set_session(SessionInfo {
+                self.set_session(SessionInfo {
                     session_id: Some(ready.session_id),
                     resume_url: Some(resume_url),
                     started: Some(std::time::Instant::now()),

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod servers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
