@@ -134,9 +134,14 @@ fn print_table(health: &Value) {
 /// Each bot client's ack and lag (the slowest acking one sets the resume
 /// point after a restart).
 fn print_clients(health: &Value) {
-    let Some(clients) = health["clients"].as_array().filter(|c| !c.is_empty()) else {
-        return;
-    };
+    let clients = health["clients"].as_array().cloned().unwrap_or_default();
+    if !clients.is_empty() {
+        print_client_rows(&clients);
+    }
+    print_extras(health);
+}
+
+fn print_client_rows(clients: &[Value]) {
     println!();
     println!(
         "{:<24} {:>9} {:>12} {:>10}  last seen",
@@ -151,6 +156,25 @@ fn print_clients(health: &Value) {
             or_dash(&c["acked"]),
             or_dash(&c["lag"]),
             c["seen"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// The JetStream sink and held-back events, when there is something to say.
+fn print_extras(health: &Value) {
+    if let Some(b) = health.get("broker").filter(|b| b.is_object()) {
+        println!();
+        println!(
+            "JetStream: {}; published {}, position {}, backlog {}, lost to the ring {}",
+            if b["connected"] == true {
+                "connected"
+            } else {
+                "NOT connected (events wait in the replay ring)"
+            },
+            b["published"],
+            b["position"],
+            b["backlog"],
+            b["missed"],
         );
     }
     if let Some(n) = health["unforwarded"].as_u64().filter(|&n| n > 0) {

@@ -249,3 +249,88 @@ async fn a_worker_command_is_answered_by_the_daemon_that_owns_the_shard() {
     let bad: Value = serde_json::from_slice(&bad.payload).expect("json");
     assert_eq!(bad["code"], "bad_request", "{bad}");
 }
+
+/// The venv `tests/dropin/setup.sh` (run by `.ci/run`) makes, with nats-py.
+fn worker_python() -> Option<std::path::PathBuf> {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dropin/.venv/bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import nats"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "nats-py missing under CI: tests/dropin/setup.sh installs it"
+    );
+    eprintln!("SKIPPED: no venv with nats-py (run tests/dropin/setup.sh)");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_worker_consumes_durably_and_sends_a_command() {
+    let Some(nats) = Nats::start().await else {
+        return;
+    };
+    let Some(python) = worker_python() else {
+        return;
+    };
+    let (sim, _daemon, _tmp) = start_with(shards(2), "", with_broker(&nats)).await;
+    both_ready(&sim).await;
+    for n in 0..6u64 {
+        sim.dispatch((n % 2) as u32, "MESSAGE_CREATE", json!({"n": n}));
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    wait_stream(&jetstream::new(client), 6).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/worker.py");
+    let run = |count: &str, command: Option<Value>| {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(&script)
+            .args(["--nats", &nats.url(), "--stream", STREAM, "--durable", "w"])
+            .args([
+                "--events",
+                "*.MESSAGE_CREATE",
+                "--count",
+                count,
+                "--idle-exit",
+                "10",
+            ]);
+        if let Some(c) = command {
+            cmd.args(["--command", &c.to_string()]);
+        }
+        cmd.output().expect("run worker")
+    };
+    let lines = |out: &std::process::Output| -> Vec<Value> {
+        assert!(
+            out.status.success(),
+            "worker failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let command = json!({"op":"send","id":"py","shard":1,"payload":{"op":3,"d":{"since":null,"activities":[],"status":"online","afk":false}}});
+    let first = lines(&run("4", Some(command)));
+    assert_eq!(first[0]["answer"], json!({"op":"sent","id":"py","shard":1}));
+    let ns = |ls: &[Value]| -> Vec<u64> {
+        ls.iter()
+            .filter(|l| l["kind"] == "event")
+            .map(|l| l["d"]["n"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ns(&first).len(), 4, "{first:?}");
+    // A restarted worker goes on after what it acked.
+    let second = lines(&run("2", None));
+    let mut all = ns(&first);
+    all.extend(ns(&second));
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..6).collect::<Vec<_>>(),
+        "each event once across restarts"
+    );
+}

@@ -26,6 +26,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
     fi
 fi
 .venv/bin/python -m pip install --disable-pip-version-check -q -r python/requirements.txt
+# The remote-worker example (examples/python/worker.py, tests/broker.rs) uses nats-py.
+.venv/bin/python -m pip install --disable-pip-version-check -q -r ../../examples/python/requirements-worker.txt
 echo "setup.sh: $(.venv/bin/python -c 'import discord; print("discord.py", discord.__version__)') in tests/dropin/.venv"
 
 # discord.js from the lockfile.
