@@ -30,6 +30,7 @@ if [ "${1:-}" != "--table-only" ]; then
     run hotpath
     run twilight
     run e2e -- blast replay latency memory startup
+    run broker
     load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "INFO load average before ${load_before}, after ${load_after}; benchmarks took $(($(date +%s) - start)) s" >>"$results"
 fi
@@ -99,5 +100,7 @@ END {
     if (has("lat_direct_p50_us")) row("  simulator -> direct client, p50 / p99", f(R["lat_direct_p50_us"], 0) " / " f(R["lat_direct_p99_us"], 0) " us", "-", "-", "-", "-")
     if (has("startup_s")) row("start-up, 8 shards, max_concurrency 2 (limit 20 s)", f(R["startup_s"], 2) " s", "-", "-", "<= 1.02x limit", yes(R["startup_ratio"] <= 1.02))
     if (has("startup_overhead_ms")) row("  beyond the 15 s floor (last bucket round)", f(R["startup_overhead_ms"], 0) " ms", "-", "-", "-", "-")
+    if (has("broker_with_jetstream_cpu_us")) row("daemon CPU/event, socket + JetStream (socket only " f(R["broker_socket_only_cpu_us"], 2) ")", f(R["broker_with_jetstream_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
+    if (has("broker_jetstream_eps")) row("  events/s stored by JetStream (socket bot " f(R["broker_socket_eps"], 0) ")", f(R["broker_jetstream_eps"], 0) " ev/s", "-", "-", "-", "-")
 }
 ' "$results"

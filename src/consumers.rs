@@ -186,11 +186,12 @@ impl Consumers {
         point
     }
 
-    /// The named clients, for the state file.
+    /// The named clients that ack, for the state file (one that never
+    /// acked, such as `shardwarden status`, holds nothing back).
     pub fn durable(&self) -> BTreeMap<String, ClientAck> {
         self.lock()
             .iter()
-            .filter(|(_, c)| c.durable)
+            .filter(|(_, c)| c.durable && c.acked > 0)
             .map(|(name, c)| {
                 (
                     name.clone(),

@@ -45,6 +45,12 @@ impl Daemon {
     }
 
     pub fn start_with(sim: &Simulator, ring: &str, compression: &str) -> Daemon {
+        Self::start_extra(sim, ring, compression, "")
+    }
+
+    /// [`start_with`](Self::start_with) with more TOML appended (whole
+    /// sections, e.g. `[broker]`).
+    pub fn start_extra(sim: &Simulator, ring: &str, compression: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path();
         let config = format!(
@@ -69,6 +75,7 @@ log_interval = "60s"
 
 [state]
 dir = "{dir}/state"
+{extra}
 "#,
             api = sim.api_base(),
             shards = sim.config().shards,
