@@ -20,7 +20,8 @@ use shardwarden::simulator::Fault;
 use common::daemon::{Bot, Daemon, simulator};
 use common::{EVENT_SIZE, env_count, proc_cpu_us, result};
 
-struct NatsServer(Child, tempfile::TempDir);
+/// The server and its store (removed when dropped).
+struct NatsServer(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
