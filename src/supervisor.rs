@@ -210,6 +210,14 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     hub.consumers.set_ttl(config.bot.consumer_ttl);
     if let Some(saved) = &restored.saved {
         hub.consumers.restore(&saved.clients, saved.saved_at_ms);
+        // A JetStream sink of a [broker] no longer configured must not hold
+        // the resume point back.
+        let sink = config
+            .broker
+            .as_ref()
+            .map(|b| crate::cluster::broker::consumer_name(&b.stream));
+        hub.consumers
+            .forget_where(|name| name.starts_with("jetstream:") && Some(name) != sink.as_deref());
     }
     let queue = Arc::new(IdentifyQueue::new(
         limit.max_concurrency,
