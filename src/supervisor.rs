@@ -261,6 +261,20 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         config.shards.identify_reserve,
         hub.clone(),
     ));
+    // Discord's figures, not a local count: re-read now and then, and
+    // before identifying on old ones (facts §1.1).
+    queue.set_source(
+        Arc::new(RestGatewayBot {
+            api_base: api_base.clone(),
+            token: token.clone(),
+        }),
+        &gateway,
+    );
+    tokio::spawn(
+        queue
+            .clone()
+            .refresh_loop(crate::identify_queue::REFRESH_EVERY, shutdown_rx.clone()),
+    );
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
     let mut shards = JoinSet::new();
     for &id in &owned {
@@ -404,6 +418,24 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     }
     Ok(())
+}
+
+/// `GET /gateway/bot` for the identify queue's re-reads.
+struct RestGatewayBot {
+    api_base: String,
+    token: Token,
+}
+
+impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
+    fn fetch(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<rest::GatewayBot, String>> + Send + '_>> {
+        Box::pin(async move {
+            rest::get_gateway_bot(&self.api_base, &self.token)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 fn stopped_before_start(reason: &str) -> Result<(), DaemonError> {

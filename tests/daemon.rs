@@ -548,6 +548,36 @@ async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_in_different_buckets_share_the_last_start_above_the_reserve() {
+    // One start above identify_reserve = 25, two shards in two buckets:
+    // exactly one may identify.
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            max_concurrency: 2,
+            session_start_remaining: 26,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"diag","events":["*"],"diagnostics":true,"resume_from":null}),
+    )
+    .await;
+    loop {
+        let v = bot.next_op("session").await;
+        if v["event"] == "fatal" {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(identifies(&sim), 1, "the reserve is never spent");
+    assert_eq!(sim.config().session_start_remaining, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_a_table_and_exits_by_health() {
     let (_sim, daemon, _tmp) = start(shards(2), "").await;
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello(json!(0))).await;
