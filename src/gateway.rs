@@ -111,7 +111,7 @@ pub static CLOSE_CODES: &[CloseCode] = &[
         code: 4002,
         name: "Decode error",
         class: CloseClass::Resumable,
-        advice: "Discord could not decode a payload (over 4096 bytes or malformed; check recent bot `send` payloads); resuming",
+        advice: "Discord could not decode a payload the daemon sent (malformed, or over the size limit; bot `send` payloads are checked against it, so a daemon bug is likelier); resuming",
     },
     CloseCode {
         code: 4003,

@@ -157,6 +157,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         .range
         .resolve(total)
         .map_err(DaemonError::config)?;
+    if !owned.contains(&0) {
+        for warning in crate::intents::shard_zero_warnings(&plan) {
+            tracing::warn!(event = %"config_warning", "{warning}");
+        }
+    }
     tracing::info!(
         shard_total = total,
         owned = owned.len(),

@@ -727,6 +727,37 @@ fn check_config_prints_the_plan_or_names_the_fix() {
     assert!(err.contains("line 2"), "{err}");
 }
 
+#[test]
+fn check_config_accepts_own_member_updates_and_names_what_only_shard_zero_gets() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = check_config(
+        tmp.path(),
+        "no-shard-zero",
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_CREATE\", \"GUILD_MEMBER_UPDATE\", \"ENTITLEMENT_CREATE\"]\n[shards]\ntotal = 4\nrange = \"2..4\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}{err}");
+    assert!(
+        text.contains("note: GUILD_MEMBER_UPDATE is subscribed without its intent"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "warning: ENTITLEMENT_CREATE has no guild_id, so Discord sends it only to shard 0"
+        ),
+        "{text}"
+    );
+    // The same config owning shard 0 has nothing to warn about.
+    let out = check_config(
+        tmp.path(),
+        "shard-zero",
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_CREATE\", \"ENTITLEMENT_CREATE\"]\n[shards]\ntotal = 4\nrange = \"0..2\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("shard 0"), "{text}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
