@@ -381,8 +381,10 @@ impl Shard {
                 .write_buffer_size(0)
                 .max_message_size(Some(self.config.max_message_size))
                 .max_frame_size(Some(self.config.max_message_size));
-            let connect =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), true);
+            let connect = async {
+                let request = upgrade_request(&url)?;
+                tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true).await
+            };
             let ws = tokio::select! {
                 result = timeout(self.config.connect_timeout, connect) => match result {
                     Ok(Ok((ws, _response))) => Some(ws),
@@ -668,20 +670,7 @@ impl Shard {
                 .last_close
                 .store(u32::from(code), Ordering::Relaxed);
         }
-        let row = code.and_then(gateway::close_code);
-        let name = row.map_or("unlisted close code", |r| r.name);
-        let advice = row.map_or("treated as resumable; Discord's op 9 decides", |r| r.advice);
-        let detail = match code {
-            Some(code) => format!(
-                "Discord closed the connection with {code} ({name}{}): {advice}",
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(", \"{reason}\"")
-                }
-            ),
-            None => "Discord closed the connection without a code".to_string(),
-        };
+        let detail = close_detail(code, reason);
         match gateway::classify_close(code) {
             CloseClass::Fatal => {
                 let detail = match code {
@@ -1106,6 +1095,27 @@ fn close_message(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// How a close from Discord reads in the log and the `session` report. The
+/// close reason is Discord's own word on what happened, so it comes first;
+/// the table's advice is the code's usual meaning, and is only offered as
+/// that when a reason was given.
+fn close_detail(code: Option<u16>, reason: &str) -> String {
+    let Some(code) = code else {
+        return "Discord closed the connection without a code".to_string();
+    };
+    let row = gateway::close_code(code);
+    let name = row.map_or("unlisted close code", |r| r.name);
+    let advice = row.map_or("treated as resumable; Discord's op 9 decides", |r| r.advice);
+    let reason = reason.trim();
+    if reason.is_empty() {
+        format!("Discord closed the connection with {code} ({name}): {advice}")
+    } else {
+        format!(
+            "Discord closed the connection with {code}, reason \"{reason}\" ({name}; what {code} usually means: {advice})"
+        )
+    }
+}
+
 /// Send a close frame without waiting long for it (the peer may be dead).
 async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
 where
@@ -1128,6 +1138,24 @@ pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = D
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// The WebSocket upgrade request for `url`, with the same `User-Agent` as
+/// REST calls (Discord-compatible servers refuse upgrades without one).
+fn upgrade_request(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::tungstenite::handshake::client::Request,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert(
+        "User-Agent",
+        HeaderValue::from_static(crate::rest::USER_AGENT),
+    );
+    Ok(request)
 }
 
 /// Is a gateway URL acceptable: wss://, or ws:// to loopback?
@@ -1171,6 +1199,27 @@ mod tests {
         assert_ne!(
             delays, other,
             "jittered: two shards do not retry in lockstep"
+        );
+    }
+
+    #[test]
+    fn a_close_reason_comes_before_the_tables_advice() {
+        let detail = close_detail(Some(4002), "missing User-Agent header");
+        assert!(
+            detail.starts_with(
+                "Discord closed the connection with 4002, reason \"missing User-Agent header\""
+            ),
+            "{detail}"
+        );
+        assert!(detail.contains("usually means"), "{detail}");
+        let detail = close_detail(Some(4000), "");
+        assert_eq!(
+            detail,
+            "Discord closed the connection with 4000 (Unknown error): Discord-side error; the daemon resumes"
+        );
+        assert_eq!(
+            close_detail(None, "x"),
+            "Discord closed the connection without a code"
         );
     }
 

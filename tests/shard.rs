@@ -38,6 +38,21 @@ async fn identifies_with_token_intents_shard_and_properties() {
 }
 
 #[tokio::test]
+async fn the_websocket_upgrade_carries_the_rest_user_agent() {
+    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    h.ready().await;
+    let conn = &h.sim.connections()[0];
+    assert_eq!(
+        conn.user_agent.as_deref(),
+        Some(shardwarden::rest::USER_AGENT),
+        "same string as REST"
+    );
+    assert!(shardwarden::rest::USER_AGENT.starts_with("DiscordBot ("));
+    assert!(shardwarden::rest::USER_AGENT.ends_with(concat!(", ", env!("CARGO_PKG_VERSION"), ")")));
+    assert!(matches!(h.stop().await, ShardExit::Shutdown(Some(_))));
+}
+
+#[tokio::test]
 async fn heartbeats_carry_last_seq_and_answer_op1_at_once() {
     let mut h = start_shard(sim_config(), Compression::ZstdStream, INTENTS, None).await;
     h.ready().await;
