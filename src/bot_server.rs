@@ -604,12 +604,13 @@ async fn serve_bot(
     // Subscribe before the snapshot so no report falls between the two.
     let sessions = subscription.diagnostics.then(|| hub.sessions.subscribe());
     if subscription.diagnostics {
-        // Each shard's latest session report, so the bot knows where every
-        // shard stands without waiting for the next change.
+        // Each shard's latest session report (and an incident in progress),
+        // so the bot knows where things stand without waiting for a change.
         let snapshot: Vec<u8> = hub
             .shards
             .iter()
             .filter_map(|s| s.last_report())
+            .chain(hub.incident().map(|i| i.line()))
             .flat_map(|line| line.to_vec())
             .collect();
         if !snapshot.is_empty()

@@ -373,6 +373,10 @@ pub struct Hub {
     /// How often diagnostics bots get `health` (ms; 0 = the bot server's
     /// configured default). Changed by a SIGHUP reload.
     health_interval_ms: AtomicU64,
+    /// The suspected Discord-side incident in progress, if any.
+    incident: Mutex<Option<IncidentReport>>,
+    /// Incidents suspected since start.
+    pub incidents: AtomicU64,
 }
 
 impl Hub {
@@ -404,6 +408,8 @@ impl Hub {
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             health_interval_ms: AtomicU64::new(0),
+            incident: Mutex::new(None),
+            incidents: AtomicU64::new(0),
         }
     }
 
@@ -482,6 +488,29 @@ impl Hub {
         let _ = self.sessions.send(line);
     }
 
+    /// Publish a change of the daemon-wide incident state to diagnostics
+    /// bots (DESIGN.md §3.2 `incident`) and keep it for `health`.
+    pub fn report_incident(&self, report: &IncidentReport) {
+        {
+            let mut current = self.incident.lock().unwrap_or_else(|p| p.into_inner());
+            if report.state == IncidentReport::SUSPECTED {
+                self.incidents.fetch_add(1, Ordering::Relaxed);
+                *current = Some(report.clone());
+            } else {
+                *current = None;
+            }
+        }
+        let _ = self.sessions.send(report.line());
+    }
+
+    /// The incident in progress, if any.
+    pub fn incident(&self) -> Option<IncidentReport> {
+        self.incident
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The `health` message (DESIGN.md §3.2) as one line.
     pub fn health_line(&self) -> Bytes {
         let shards: Vec<HealthShard> = self
@@ -513,6 +542,12 @@ impl Hub {
             ring_bytes,
             ring_events,
             bot_clients: self.bot_clients.load(Ordering::Relaxed),
+            incident: self.incident().map(|i| HealthIncident {
+                state: i.state,
+                since: i.at,
+                shards: i.shards,
+                detail: i.detail,
+            }),
         };
         let mut line = serde_json::to_vec(&message).unwrap_or_default();
         line.push(b'\n');
@@ -544,6 +579,59 @@ struct HealthMessage {
     ring_bytes: usize,
     ring_events: usize,
     bot_clients: u32,
+    /// The suspected Discord-side incident in progress (`null`: none).
+    incident: Option<HealthIncident>,
+}
+
+#[derive(Serialize)]
+struct HealthIncident {
+    state: &'static str,
+    since: String,
+    shards: Vec<u32>,
+    detail: String,
+}
+
+/// A suspected Discord-side incident, or its end, as sent to diagnostics
+/// bots (`{"op":"incident",...}`, DESIGN.md §3.2): a daemon-wide fact,
+/// never one shard's `session` event.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncidentReport {
+    /// Always `"incident"`.
+    pub op: &'static str,
+    /// [`IncidentReport::SUSPECTED`] or [`IncidentReport::RECOVERED`].
+    pub state: &'static str,
+    /// When it was noticed.
+    pub at: String,
+    /// The shards whose failures made it likely (for `recovered`: those of
+    /// the incident that ended).
+    pub shards: Vec<u32>,
+    /// What happened and what the daemon does about it, for a human.
+    pub detail: String,
+}
+
+impl IncidentReport {
+    /// Many shards failed together: Discord is the likelier culprit.
+    pub const SUSPECTED: &'static str = "suspected";
+    /// Every shard is back.
+    pub const RECOVERED: &'static str = "recovered";
+
+    /// A report stamped now.
+    pub fn new(state: &'static str, shards: Vec<u32>, detail: String) -> Self {
+        IncidentReport {
+            op: "incident",
+            state,
+            at: crate::clock::now_rfc3339(),
+            shards,
+            detail,
+        }
+    }
+
+    /// The NDJSON line.
+    pub fn line(&self) -> Bytes {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
 }
 
 /// A lifecycle change of one shard, as sent to diagnostics bots

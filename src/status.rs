@@ -10,6 +10,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+/// How the table and the log spell "nothing here" (no close yet, no
+/// latency yet, nothing held).
+pub const NONE: &str = "-";
+
 /// Exit code when the daemon answers but some shard is not healthy.
 const EXIT_UNHEALTHY: u8 = 2;
 
@@ -81,7 +85,15 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
 }
 
 fn print_table(health: &Value) {
-    println!(
+    print!("{}", table(health));
+}
+
+/// The health table `status` prints.
+fn table(health: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
         "shard",
         "state",
@@ -97,20 +109,21 @@ fn print_table(health: &Value) {
     let shards = health["shards"].as_array().unwrap_or(&empty);
     for s in shards {
         let text = |v: &Value| match v {
-            Value::Null => "-".to_string(),
+            Value::Null => NONE.to_string(),
             other => other.to_string().trim_matches('"').to_string(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
             text(&s["shard"]),
             text(&s["state"]),
             s["latency_ms"]
                 .as_u64()
-                .map_or("-".to_string(), |ms| format!("{ms} ms")),
+                .map_or(NONE.to_string(), |ms| format!("{ms} ms")),
             text(&s["seq"]),
             s["session_age_s"]
                 .as_u64()
-                .map_or("-".to_string(), |a| format!("{a} s")),
+                .map_or(NONE.to_string(), |a| format!("{a} s")),
             text(&s["resumes"]),
             text(&s["identifies"]),
             text(&s["zombies"]),
@@ -118,14 +131,56 @@ fn print_table(health: &Value) {
         );
     }
     let active = shards.iter().filter(|s| s["state"] == "active").count();
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{active}/{} shards active; identify budget {}/{}; cursor head {}, oldest held {}; {} bot(s) connected",
         shards.len(),
         health["identify_budget"]["remaining"],
         health["identify_budget"]["total"],
         health["head"],
-        health["oldest"],
+        match &health["oldest"] {
+            Value::Null => NONE.to_string(),
+            v => v.to_string(),
+        },
         health["bot_clients"],
     );
+    let incident = &health["incident"];
+    if incident.is_object() {
+        let _ = writeln!(
+            out,
+            "Discord-side incident {} since {} (shards {}): {}",
+            incident["state"].as_str().unwrap_or("suspected"),
+            incident["since"].as_str().unwrap_or("?"),
+            incident["shards"],
+            incident["detail"].as_str().unwrap_or("")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_table_names_an_incident_in_progress() {
+        let mut health = json!({
+            "op": "health",
+            "shards": [{"shard": 0, "state": "reconnecting", "latency_ms": null, "seq": 9,
+                        "identifies": 1, "resumes": 0, "zombies": 0, "last_close": 4000}],
+            "identify_budget": {"remaining": 999, "total": 1000},
+            "head": 9, "oldest": 1, "bot_clients": 1,
+            "incident": {"state": "suspected", "since": "2026-11-25T10:00:00.000Z",
+                         "shards": [0, 1], "detail": "2 of 2 shards lost their connections"},
+        });
+        let text = table(&health);
+        assert!(
+            text.contains("Discord-side incident suspected since 2026-11-25T10:00:00.000Z (shards [0,1]): 2 of 2 shards"),
+            "{text}"
+        );
+        health["incident"] = Value::Null;
+        assert!(!table(&health).contains("incident"));
+    }
 }

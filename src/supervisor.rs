@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::bot_server::{BotServer, BotServerConfig};
 use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
-use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState};
+use crate::hub::{Hub, IdentifyBudget, IncidentReport, SessionReport, ShardState};
 use crate::identify_queue::IdentifyQueue;
 use crate::rest::{self, RestErrorKind};
 use crate::shard::{ResumeState, Shard, ShardConfig, ShardExit, gateway_url_ok};
@@ -351,9 +351,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 {
                     crate::telemetry::count_reconnect(class);
                 }
-                if let Some(line) = incidents.observe(&report, &hub) {
+                if let Some(incident) = incidents.observe(&report, &hub) {
                     queue.set_stretch(if incidents.active { 300 } else { 100 });
-                    hub.report(&line);
+                    hub.report_incident(&incident);
                 }
                 if !notifier.is_ready() {
                     notifier.update(&hub);
@@ -606,9 +606,9 @@ impl IncidentDetector {
         (self.owned / 2 + 1).max(2)
     }
 
-    /// Feed one report; returns a diagnostic to publish when the incident
-    /// state changes.
-    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<SessionReport> {
+    /// Feed one report; returns the `incident` message to publish when the
+    /// incident state changes.
+    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<IncidentReport> {
         let now = Instant::now();
         if matches!(report.event, "closed" | "zombie") && report.class != Some("fatal") {
             self.failures.push_back((now, report.shard));
@@ -625,24 +625,25 @@ impl IncidentDetector {
         shards.dedup();
         if !self.active && self.owned >= 2 && shards.len() >= self.threshold() {
             self.active = true;
-            let mut line = SessionReport::new(shards[0], "discord_incident_suspected");
-            line.class = Some("transport");
-            line.detail = Some(format!(
+            let detail = format!(
                 "{} of {} shards lost their connections within {} s (shards {:?}): a Discord-side incident is likely; preferring resumes and slowing re-identifies",
                 shards.len(),
                 self.owned,
                 self.window.as_secs(),
                 shards
-            ));
+            );
             tracing::warn!(
                 event = %"discord_incident_suspected",
                 class = %"incident",
                 shards = shards.len(),
                 owned = self.owned,
-                "{}",
-                line.detail.as_deref().unwrap_or("")
+                "{detail}"
             );
-            return Some(line);
+            return Some(IncidentReport::new(
+                IncidentReport::SUSPECTED,
+                shards,
+                detail,
+            ));
         }
         if self.active
             && hub
@@ -652,16 +653,19 @@ impl IncidentDetector {
         {
             self.active = false;
             self.failures.clear();
-            let mut line = SessionReport::new(report.shard, "discord_incident_recovered");
-            line.detail =
-                Some("every shard is active again; normal identify pacing restored".to_string());
+            let detail = "every shard is active again; normal identify pacing restored".to_string();
             tracing::info!(
                 event = %"discord_incident_recovered",
                 class = %"incident",
-                "{}",
-                line.detail.as_deref().unwrap_or("")
+                "{detail}"
             );
-            return Some(line);
+            // The shards the incident was about.
+            let shards = hub.incident().map(|i| i.shards).unwrap_or_default();
+            return Some(IncidentReport::new(
+                IncidentReport::RECOVERED,
+                shards,
+                detail,
+            ));
         }
         None
     }
@@ -920,6 +924,60 @@ mod tests {
             }
             ShardExit::Shutdown(None)
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn correlated_failures_are_an_incident_message_not_a_session_event() {
+        let hub = Hub::new(
+            EventLog::new(1, 1 << 20),
+            &[0, 1, 2, 3],
+            4,
+            Vec::new(),
+            HashMap::new(),
+            IdentifyBudget::default(),
+        );
+        let mut lines = hub.sessions.subscribe();
+        let mut detector = IncidentDetector::new(4);
+        let closed = |shard| {
+            let mut report = SessionReport::new(shard, "closed");
+            report.class = Some("transport");
+            report
+        };
+        assert!(detector.observe(&closed(1), &hub).is_none());
+        assert!(detector.observe(&closed(3), &hub).is_none());
+        let incident = detector.observe(&closed(2), &hub).expect("3 of 4 shards");
+        hub.report_incident(&incident);
+        let line: serde_json::Value =
+            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
+        assert_eq!(line["op"], "incident");
+        assert_eq!(line["state"], "suspected");
+        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
+        assert!(line.get("shard").is_none() && line.get("event").is_none());
+        assert!(
+            hub.shards.iter().all(|s| s.last_report().is_none()),
+            "not stamped on any shard"
+        );
+        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
+        assert_eq!(health["incident"]["state"], "suspected");
+        assert_eq!(health["incident"]["shards"], serde_json::json!([1, 2, 3]));
+
+        for s in &hub.shards {
+            s.set_state(ShardState::Active);
+        }
+        let recovered = detector
+            .observe(&SessionReport::new(2, "resumed"), &hub)
+            .expect("every shard is back");
+        hub.report_incident(&recovered);
+        let line: serde_json::Value =
+            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
+        assert_eq!(
+            (&line["op"], &line["state"]),
+            (&"incident".into(), &"recovered".into())
+        );
+        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
+        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
+        assert!(health["incident"].is_null());
+        assert_eq!(hub.incidents.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

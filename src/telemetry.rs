@@ -123,6 +123,8 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let missed = counter!("shardwarden_bot_missed_events_total");
     let shards_active = gauge!("shardwarden_shards_active");
     let shards_owned = gauge!("shardwarden_shards_owned");
+    let incident = gauge!("shardwarden_discord_incident");
+    let incidents = counter!("shardwarden_discord_incidents_total");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -150,5 +152,7 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
                 .count() as f64,
         );
         shards_owned.set(hub.shards.len() as f64);
+        incident.set(if hub.incident().is_some() { 1.0 } else { 0.0 });
+        incidents.absolute(hub.incidents.load(Ordering::Relaxed));
     }
 }

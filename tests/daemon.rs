@@ -787,6 +787,73 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_shards_failing_together_is_an_incident_for_diagnostics_bots_status_and_metrics() {
+    let port = free_port();
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 4,
+            max_concurrency: 4,
+            ..SimConfig::default()
+        },
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+    )
+    .await;
+    wait_sim(&sim, "4 sessions", |s| {
+        s.connections()
+            .iter()
+            .filter(|c| c.session_id.is_some())
+            .count()
+            == 4
+    })
+    .await;
+    let (mut diag, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"diag","events":[],"diagnostics":true,"resume_from":null}),
+    )
+    .await;
+    let (mut plain, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"plain","events":[],"diagnostics":false,"resume_from":null}),
+    )
+    .await;
+    for shard in 0..3 {
+        sim.inject(shard, Fault::Close(4000));
+    }
+    let incident = diag.next_op("incident").await;
+    assert_eq!(incident["state"], "suspected", "{incident}");
+    assert_eq!(incident["shards"], json!([0, 1, 2]));
+    assert!(incident["at"].is_string() && incident["detail"].is_string());
+    // Never dressed up as a session event.
+    let recovered = loop {
+        let v = diag.next().await;
+        assert!(
+            !(v["op"] == "session" && v["event"].as_str().unwrap_or("").contains("incident")),
+            "{v}"
+        );
+        if v["op"] == "incident" {
+            break v;
+        }
+    };
+    assert_eq!(recovered["state"], "recovered", "{recovered}");
+    // Metrics count it; bots without diagnostics never see it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(port, "/metrics");
+        if metric(&text, "shardwarden_discord_incidents_total") == Some(1.0)
+            && metric(&text, "shardwarden_discord_incident") == Some(0.0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    plain.send(json!({"op":"status"})).await;
+    let health = plain.next().await;
+    assert_eq!(health["op"], "health", "{health}");
+    assert!(health["incident"].is_null(), "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_and_current() {
     let port = free_port();
     let (sim, daemon, _tmp) =
