@@ -147,6 +147,24 @@ impl IdentifyQueue {
         buckets[shard as usize % buckets.len()].clone()
     }
 
+    /// How long until `shard`'s bucket could next grant a turn, and whether
+    /// another turn holds it right now (then the wait is at least one more
+    /// interval after that IDENTIFY goes out). For log lines that name the
+    /// real wait before an IDENTIFY.
+    pub fn next_turn_in(&self, shard: u32) -> (Duration, bool) {
+        let bucket = self.bucket(shard);
+        let next = match bucket.try_lock() {
+            Ok(last) => match *last {
+                Some(at) => {
+                    (at + self.interval() + MARGIN).saturating_duration_since(Instant::now())
+                }
+                None => Duration::ZERO,
+            },
+            Err(_) => return (self.interval() + MARGIN, true),
+        };
+        (next, false)
+    }
+
     /// Wait for `shard`'s turn to IDENTIFY and take one session start for
     /// it. While the budget is at the reserve, reports a `fatal` session and
     /// waits for the window to reset (then re-reads Discord's figures)
@@ -620,6 +638,28 @@ mod tests {
                 assert!(e.is_cancelled(), "a shard task failed: {e}");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_turn_names_the_wait_for_the_bucket() {
+        let queue = IdentifyQueue::new(2, 0, hub(1000, 1000, 86_400_000));
+        assert_eq!(queue.next_turn_in(0), (Duration::ZERO, false));
+        queue.acquire(0).await.sent();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(queue.next_turn_in(0), (Duration::from_millis(4020), false));
+        assert_eq!(
+            queue.next_turn_in(2),
+            (Duration::from_millis(4020), false),
+            "same bucket"
+        );
+        assert_eq!(
+            queue.next_turn_in(1),
+            (Duration::ZERO, false),
+            "other bucket"
+        );
+        let held = queue.acquire(1).await;
+        assert_eq!(queue.next_turn_in(1), (Duration::from_millis(5020), true));
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]

@@ -391,14 +391,16 @@ impl Shard {
                     Ok(Err(e)) => {
                         self.attempt += 1;
                         let wait = backoff.next().unwrap_or(self.config.backoff_max);
-                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("cannot connect to {base}: {e}; retrying in {} ms", wait.as_millis())), Some(wait));
+                        let (next, eta) = self.next_step(wait);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("cannot connect to {base}: {e}; {next}")), Some(eta));
                         delay = Some(wait);
                         None
                     }
                     Err(_) => {
                         self.attempt += 1;
                         let wait = backoff.next().unwrap_or(self.config.backoff_max);
-                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("connecting to {base} timed out after {} s; retrying in {} ms", self.config.connect_timeout.as_secs(), wait.as_millis())), Some(wait));
+                        let (next, eta) = self.next_step(wait);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("connecting to {base} timed out after {} s; {next}", self.config.connect_timeout.as_secs())), Some(eta));
                         delay = Some(wait);
                         None
                     }
@@ -453,16 +455,14 @@ impl Shard {
                     } else {
                         backoff.next().unwrap_or(self.config.backoff_max)
                     };
-                    let detail = format!(
-                        "{detail}; {} in {} ms",
-                        if self.session.is_some() {
-                            "resuming"
-                        } else {
-                            "identifying"
-                        },
-                        wait.as_millis()
+                    let (next, eta) = self.next_step(wait);
+                    self.report(
+                        event,
+                        close_code,
+                        Some(class),
+                        Some(format!("{detail}; {next}")),
+                        Some(eta),
                     );
-                    self.report(event, close_code, Some(class), Some(detail), Some(wait));
                     delay = Some(wait);
                 }
                 Disconnect::Reidentify {
@@ -480,20 +480,30 @@ impl Shard {
                     } else {
                         backoff.next().unwrap_or(self.config.backoff_max)
                     };
+                    let (next, eta) = self.next_step(wait);
                     self.report(
                         event,
                         close_code,
                         Some(CloseClass::Reidentify),
-                        Some(format!(
-                            "{detail}; identifying again in {} ms (through the identify queue)",
-                            wait.as_millis()
-                        )),
-                        Some(wait),
+                        Some(format!("{detail}; {next}")),
+                        Some(eta),
                     );
                     delay = Some(wait);
                 }
             }
         }
+    }
+
+    /// What the next attempt will be, said once and truly: a RESUME after
+    /// `backoff` when a session is held, else an IDENTIFY after `backoff`
+    /// *and* the shard's turn in the identify queue. Returns the text and
+    /// the expected wait.
+    fn next_step(&self, backoff: Duration) -> (String, Duration) {
+        if self.session.is_some() {
+            return (format!("resuming in {} ms", backoff.as_millis()), backoff);
+        }
+        let (turn, taken) = self.queue.next_turn_in(self.id());
+        identify_step(backoff, turn, taken)
     }
 
     fn stopped(&mut self) -> ShardExit {
@@ -1095,6 +1105,28 @@ fn close_message(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// "identifying in N ms", where N is the later of the backoff and the
+/// bucket's next turn (`taken`: another shard holds the turn now, so N is
+/// a lower bound).
+fn identify_step(backoff: Duration, turn: Duration, taken: bool) -> (String, Duration) {
+    if turn <= backoff && !taken {
+        return (
+            format!("identifying in {} ms", backoff.as_millis()),
+            backoff,
+        );
+    }
+    let eta = turn.max(backoff);
+    (
+        format!(
+            "identifying in {}{} ms ({} ms backoff, then its turn in the identify queue)",
+            if taken { "at least " } else { "" },
+            eta.as_millis(),
+            backoff.as_millis()
+        ),
+        eta,
+    )
+}
+
 /// How a close from Discord reads in the log and the `session` report. The
 /// close reason is Discord's own word on what happened, so it comes first;
 /// the table's advice is the code's usual meaning, and is only offered as
@@ -1105,7 +1137,7 @@ fn close_detail(code: Option<u16>, reason: &str) -> String {
     };
     let row = gateway::close_code(code);
     let name = row.map_or("unlisted close code", |r| r.name);
-    let advice = row.map_or("treated as resumable; Discord's op 9 decides", |r| r.advice);
+    let advice = row.map_or("not a documented gateway close code", |r| r.advice);
     let reason = reason.trim();
     if reason.is_empty() {
         format!("Discord closed the connection with {code} ({name}): {advice}")
@@ -1215,11 +1247,40 @@ mod tests {
         let detail = close_detail(Some(4000), "");
         assert_eq!(
             detail,
-            "Discord closed the connection with 4000 (Unknown error): Discord-side error; the daemon resumes"
+            "Discord closed the connection with 4000 (Unknown error): Discord-side error"
         );
         assert_eq!(
             close_detail(None, "x"),
             "Discord closed the connection without a code"
+        );
+    }
+
+    #[test]
+    fn an_identify_retry_names_one_step_and_the_queue_wait() {
+        let (text, eta) = identify_step(
+            Duration::from_millis(613),
+            Duration::from_millis(5020),
+            false,
+        );
+        assert_eq!(
+            text,
+            "identifying in 5020 ms (613 ms backoff, then its turn in the identify queue)"
+        );
+        assert_eq!(eta, Duration::from_millis(5020));
+        assert!(!text.contains("resum"));
+        let (text, eta) = identify_step(Duration::from_millis(613), Duration::ZERO, false);
+        assert_eq!(
+            (text.as_str(), eta),
+            ("identifying in 613 ms", Duration::from_millis(613))
+        );
+        let (text, _) = identify_step(
+            Duration::from_millis(100),
+            Duration::from_millis(5020),
+            true,
+        );
+        assert!(
+            text.starts_with("identifying in at least 5020 ms"),
+            "{text}"
         );
     }
 

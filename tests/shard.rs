@@ -263,6 +263,35 @@ async fn op9_false_reidentifies_on_main_url_never_resumes() {
 }
 
 #[tokio::test]
+async fn a_reidentify_names_the_identify_queue_wait_it_will_really_take() {
+    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    h.ready().await;
+    h.sim.inject(0, Fault::Close(4007));
+    let closed = h.wait_report("closed").await;
+    let reported_at = std::time::Instant::now();
+    let detail = closed.detail.clone().unwrap_or_default();
+    // The IDENTIFY that started this session went out moments ago, so the
+    // bucket's 5 s, not the 20 ms backoff, decide when the next one goes.
+    assert!(!detail.contains("resum"), "{detail}");
+    assert!(
+        detail.contains("then its turn in the identify queue"),
+        "{detail}"
+    );
+    let ms: u64 = detail
+        .split("identifying in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a wait in ms");
+    assert!((4000..=5100).contains(&ms), "{detail}");
+    h.wait("the second IDENTIFY", |s| count_ops(&s.frames(), 2) == 2)
+        .await;
+    let took = reported_at.elapsed().as_millis() as u64;
+    assert!(took + 150 >= ms, "named {ms} ms, took {took} ms");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn reidentify_close_codes_start_a_new_session() {
     for code in [4003, 4007, 4009] {
         let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
