@@ -30,7 +30,8 @@
 //!   included.
 //! - An `ack` beyond the cursor delivered so far is a `bad_request`; acks
 //!   only move forward (a lower one is ignored).
-//! - `hub.bot_clients` counts bots that completed the handshake.
+//! - `hub.bot_clients` counts bots that completed the handshake, except
+//!   `shardwarden status` (client `shardwarden-status`), which only asks.
 
 use std::fmt;
 use std::io;
@@ -622,7 +623,8 @@ async fn serve_bot(
             return;
         }
     }
-    let _count = ClientCount::add(&hub);
+    // `shardwarden status` asking is not a bot connecting.
+    let _count = (subscription.client != protocol::STATUS_CLIENT).then(|| ClientCount::add(&hub));
     let client = subscription.client;
     tracing::info!(
         conn,

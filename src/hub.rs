@@ -249,6 +249,14 @@ impl ShardStats {
             .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
     }
 
+    /// Last close code received, if any.
+    pub fn last_close(&self) -> Option<u32> {
+        match self.last_close.load(Ordering::Relaxed) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
     /// Current state.
     pub fn state(&self) -> ShardState {
         ShardState::from_u8(self.state.load(Ordering::Relaxed))
@@ -524,10 +532,7 @@ impl Hub {
                 identifies: s.identifies.load(Ordering::Relaxed),
                 resumes: s.resumes.load(Ordering::Relaxed),
                 zombies: s.zombies.load(Ordering::Relaxed),
-                last_close: match s.last_close.load(Ordering::Relaxed) {
-                    0 => None,
-                    code => Some(code),
-                },
+                last_close: s.last_close(),
                 session_age_s: s.session().started.map(|t| t.elapsed().as_secs()),
             })
             .collect();

@@ -16,6 +16,10 @@ use crate::gateway::MAX_SEND_PAYLOAD;
 /// The protocol version this daemon speaks (`hello.v`, `welcome.v`).
 pub const PROTOCOL_VERSION: u64 = 1;
 
+/// The `client` name `shardwarden status` says hello with: a query, not a
+/// bot, so it is not counted in `bot_clients`.
+pub const STATUS_CLIENT: &str = "shardwarden-status";
+
 /// Longest line a bot may send, newline excluded (DESIGN.md §3: 64 KiB).
 pub const MAX_LINE: usize = 64 * 1024;
 

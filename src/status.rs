@@ -58,8 +58,12 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
     })?;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
+    let hello = format!(
+        "{{\"op\":\"hello\",\"v\":1,\"client\":\"{}\",\"events\":[],\"diagnostics\":false,\"resume_from\":null}}\n{{\"op\":\"status\"}}\n",
+        crate::protocol::STATUS_CLIENT
+    );
     write
-        .write_all(b"{\"op\":\"hello\",\"v\":1,\"client\":\"shardwarden-status\",\"events\":[\"*\"],\"diagnostics\":false,\"resume_from\":null}\n{\"op\":\"status\"}\n")
+        .write_all(hello.as_bytes())
         .await
         .map_err(|e| format!("cannot write to the daemon: {e}"))?;
     while let Some(line) = lines

@@ -714,7 +714,9 @@ fn log_summary(hub: &Hub) {
             heartbeat_misses = s.heartbeat_misses.load(Ordering::Relaxed),
             resumes = s.resumes.load(Ordering::Relaxed),
             identifies = s.identifies.load(Ordering::Relaxed),
-            last_close = s.last_close.load(Ordering::Relaxed),
+            last_close = %s
+                .last_close()
+                .map_or(crate::status::NONE.to_string(), |c| c.to_string()),
             "shard {} is {}",
             s.shard,
             s.state().as_str()

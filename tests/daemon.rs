@@ -545,6 +545,19 @@ async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(identifies(&sim), 0, "never spends the reserve");
     assert!(daemon.log().contains("identify budget"));
+    // The shard has never been closed: the log spells that as status does.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log().contains("shard_unhealthy") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("shard_unhealthy"))
+        .expect("line");
+    assert!(line.contains("last_close=-"), "{line}");
+    assert!(!line.contains("last_close=0"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,6 +611,10 @@ async fn status_prints_a_table_and_exits_by_health() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("2/2 shards active"), "{text}");
+    assert!(
+        text.contains("; 1 bot(s) connected"),
+        "status does not count itself: {text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.contains("active")).count(),
         3,
@@ -612,6 +629,7 @@ async fn status_prints_a_table_and_exits_by_health() {
         .expect("status --json");
     let health: Value = serde_json::from_slice(&json_out.stdout).expect("json");
     assert_eq!(health["op"], "health");
+    assert_eq!(health["bot_clients"], 1);
     let missing = Command::new(BIN)
         .args(["status", "--socket", "/nonexistent/bot.sock"])
         .output()
