@@ -780,7 +780,7 @@ impl Delivery {
                     Written::Done(Ok(())) => self.committed(),
                     Written::DoneAtShutdown(Ok(())) => {
                         self.committed();
-                        return self.flush().await;
+                        return self.close_on_purpose().await;
                     }
                     Written::Done(Err(e)) | Written::DoneAtShutdown(Err(e)) => {
                         return end_of_write(e);
@@ -789,7 +789,7 @@ impl Delivery {
                 }
             }
             if *shutdown.borrow() || shutdown.has_changed().is_err() {
-                return self.flush().await;
+                return self.close_on_purpose().await;
             }
             if reader.is_finished() {
                 let read = reader.await;
@@ -802,7 +802,7 @@ impl Delivery {
             }
             tokio::select! {
                 biased;
-                () = wait_shutdown(shutdown) => return self.flush().await,
+                () = wait_shutdown(shutdown) => return self.close_on_purpose().await,
                 read = &mut *reader => return self.reader_ended(read).await,
                 answer = self.answers.recv() => if let Some(answer) = answer {
                     self.out.extend_from_slice(&answer);
@@ -930,8 +930,21 @@ impl Delivery {
         }
     }
 
+    /// The daemon closes this socket on purpose: deliver what is pending,
+    /// then say why (`closing`, DESIGN.md §3.2) as the last line.
+    async fn close_on_purpose(&mut self) -> End {
+        let closing = self.hub.closing_line();
+        self.flush_then(Some(closing)).await
+    }
+
     /// Write everything pending within [`FLUSH_TIMEOUT`], then close.
     async fn flush(&mut self) -> End {
+        self.flush_then(None).await
+    }
+
+    /// Write everything pending, then `last` (if any), within
+    /// [`FLUSH_TIMEOUT`]; then close.
+    async fn flush_then(&mut self, last: Option<Bytes>) -> End {
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         loop {
             self.gather();
@@ -948,6 +961,13 @@ impl Delivery {
             }
             match timeout_at(deadline, self.write.write_all(&self.out)).await {
                 Ok(Ok(())) => self.committed(),
+                Ok(Err(e)) => return end_of_write(e),
+                Err(_) => return End::FlushTimeout,
+            }
+        }
+        if let Some(last) = last {
+            match timeout_at(deadline, self.write.write_all(&last)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return end_of_write(e),
                 Err(_) => return End::FlushTimeout,
             }
@@ -1842,7 +1862,27 @@ mod tests {
             .unwrap();
         assert!(!daemon.socket.exists());
         assert_eq!(bot.dispatches(50).await, (1..=50).collect::<Vec<_>>());
+        assert_eq!(bot.recv().await["op"], "closing");
         assert_eq!(bot.next_line().await, None);
+    }
+
+    #[tokio::test]
+    async fn closing_is_the_last_line_before_a_shutdown_and_says_why() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        daemon.append("MESSAGE_CREATE");
+        assert_eq!(bot.dispatches(1).await, vec![1]);
+        daemon.hub.set_closing(
+            protocol::closing::SHUTDOWN,
+            "SIGTERM: sessions saved; reconnect and resume_from your last cursor".to_string(),
+        );
+        daemon.shutdown.send(true).unwrap();
+        let closing = bot.recv().await;
+        assert_eq!(closing["op"], "closing", "{closing}");
+        assert_eq!(closing["reason"], "shutdown");
+        assert!(closing["detail"].as_str().unwrap().starts_with("SIGTERM"));
+        assert_eq!(bot.next_line().await, None, "then the socket closes");
     }
 
     #[tokio::test]

@@ -383,6 +383,9 @@ pub struct Hub {
     health_interval_ms: AtomicU64,
     /// The suspected Discord-side incident in progress, if any.
     incident: Mutex<Option<IncidentReport>>,
+    /// Why the daemon is about to close bot sockets (`closing` reason and
+    /// detail), set before shutdown is signalled.
+    closing: Mutex<Option<(&'static str, String)>>,
     /// Incidents suspected since start.
     pub incidents: AtomicU64,
 }
@@ -417,6 +420,7 @@ impl Hub {
             missed: AtomicU64::new(0),
             health_interval_ms: AtomicU64::new(0),
             incident: Mutex::new(None),
+            closing: Mutex::new(None),
             incidents: AtomicU64::new(0),
         }
     }
@@ -509,6 +513,23 @@ impl Hub {
             }
         }
         let _ = self.sessions.send(report.line());
+    }
+
+    /// Say why bot sockets are about to be closed (sent to each bot as
+    /// `closing` before its socket is closed).
+    pub fn set_closing(&self, reason: &'static str, detail: String) {
+        *self.closing.lock().unwrap_or_else(|p| p.into_inner()) = Some((reason, detail));
+    }
+
+    /// The `closing` line for bots whose sockets the daemon closes now.
+    pub fn closing_line(&self) -> Bytes {
+        match &*self.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((reason, detail)) => crate::protocol::closing_line(reason, detail),
+            None => crate::protocol::closing_line(
+                crate::protocol::closing::SHUTDOWN,
+                "the daemon is stopping; reconnect and resume_from your last cursor",
+            ),
+        }
     }
 
     /// The incident in progress, if any.

@@ -495,6 +495,29 @@ pub fn gap_line(from: u64, to: u64) -> Bytes {
     })
 }
 
+/// Why the daemon closes a bot's socket on purpose (`closing.reason`).
+pub mod closing {
+    /// The daemon is stopping (SIGTERM, SIGINT, or it cannot go on).
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// `{"op":"closing","reason":..,"detail":..}`: the last line before the
+/// daemon closes the socket on purpose (DESIGN.md §3.2), so a bot can tell
+/// a clean stop or restart from a crash and reconnect quietly.
+pub fn closing_line(reason: &str, detail: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Closing<'a> {
+        op: &'static str,
+        reason: &'a str,
+        detail: &'a str,
+    }
+    to_line(&Closing {
+        op: "closing",
+        reason,
+        detail,
+    })
+}
+
 /// `{"op":"sent","id":..,"shard":..}`; a split op 31 adds every shard in
 /// `shards` (the first is `shard`).
 pub fn sent_line(id: &Value, shards: &[u32]) -> Bytes {

@@ -369,6 +369,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 }
                 let fatal = exits.iter().filter(|(_, e)| matches!(e, ShardExit::Fatal { .. })).count();
                 if fatal == owned.len() {
+                    hub.set_closing(
+                        crate::protocol::closing::SHUTDOWN,
+                        "every shard this daemon owns closed fatally; the daemon exits (see its log for what to fix)".to_string(),
+                    );
                     let _ = shutdown_tx.send(true);
                     let _ = server_task.await;
                     persister.abort();
@@ -392,6 +396,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     tracing::info!(
         reason,
         "shutting down: closing gateway connections resumably and saving sessions"
+    );
+    hub.set_closing(
+        crate::protocol::closing::SHUTDOWN,
+        format!(
+            "{reason}: the daemon is stopping and saving its sessions; reconnect and resume_from your last cursor"
+        ),
     );
     let _ = shutdown_tx.send(true);
     while let Some(joined) = shards.join_next().await {

@@ -693,6 +693,96 @@ async fn example_clients_receive_and_ack() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_clients_reconnect_quietly_after_a_clean_daemon_restart() {
+    let (sim, mut daemon, _tmp) = start(shards(2), "").await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let clients: Vec<(&str, PathBuf)> = vec![
+        ("python3", root.join("examples/python/bot.py")),
+        ("node", root.join("examples/node/bot.js")),
+    ];
+    let mut children = Vec::new();
+    for (interpreter, script) in &clients {
+        let cursor_file = daemon.dir.join(format!("{interpreter}-restart.cursor"));
+        let child = Command::new(interpreter)
+            .arg(script)
+            .arg(daemon.socket())
+            .arg("--cursor-file")
+            .arg(&cursor_file)
+            .args(["--ack-every", "1", "--max-events", "8"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run example client");
+        children.push((interpreter, cursor_file, child));
+    }
+    // Both have handled the 6 start-up events (READY and GUILD_CREATEs).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for (interpreter, cursor_file, _) in &children {
+        while std::fs::read_to_string(cursor_file)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some("6")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{interpreter} did not reach cursor 6"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit().await, 0);
+    daemon.restart();
+    // New events once the daemon is back, until both clients have had 8.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    while children
+        .iter_mut()
+        .any(|(_, _, c)| c.try_wait().expect("wait").is_none())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clients did not finish; log:\n{}",
+            daemon.log()
+        );
+        if sim
+            .connections()
+            .iter()
+            .filter(|c| !c.closed && c.resumed)
+            .count()
+            == 2
+        {
+            n += 1;
+            sim.dispatch(0, "MESSAGE_CREATE", json!({"n": n}));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (interpreter, _, child) in children {
+        let out = child.wait_with_output().expect("output");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{interpreter}: {stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("daemon closing (shutdown): reconnecting"),
+            "{interpreter}: {stdout}"
+        );
+        assert!(
+            !stderr.contains("closed the connection"),
+            "{interpreter}: {stderr}"
+        );
+        assert!(
+            stdout.lines().any(|l| l.starts_with("7 0 MESSAGE_CREATE")),
+            "{interpreter} went on after the restart: {stdout}"
+        );
+    }
+}
+
 /// Write `text` as `dir/name.toml` and run `check-config` on it.
 fn check_config(dir: &Path, name: &str, text: &str) -> std::process::Output {
     let path = dir.join(format!("{name}.toml"));
