@@ -198,8 +198,15 @@ impl Bot {
         serde_json::from_str(&line).expect("json line")
     }
 
+    /// The next message with this `op`, within [`WAIT`] (diagnostics
+    /// bots get `health` every second, so waiting per line is not enough).
     async fn next_op(&mut self, op: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {op} message within {WAIT:?}"
+            );
             let v = self.next().await;
             if v["op"] == op {
                 return v;
@@ -579,7 +586,13 @@ async fn shards_in_different_buckets_share_the_last_start_above_the_reserve() {
         json!({"op":"hello","v":1,"client":"diag","events":["*"],"diagnostics":true,"resume_from":null}),
     )
     .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no fatal report; identifies: {}",
+            identifies(&sim)
+        );
         let v = bot.next_op("session").await;
         if v["event"] == "fatal" {
             break;
@@ -932,7 +945,9 @@ async fn many_shards_failing_together_is_an_incident_for_diagnostics_bots_status
     assert_eq!(incident["shards"], json!([0, 1, 2]));
     assert!(incident["at"].is_string() && incident["detail"].is_string());
     // Never dressed up as a session event.
+    let deadline = tokio::time::Instant::now() + WAIT;
     let recovered = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
         let v = diag.next().await;
         assert!(
             !(v["op"] == "session" && v["event"].as_str().unwrap_or("").contains("incident")),
