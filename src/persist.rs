@@ -297,12 +297,15 @@ impl Persister {
         self.last.as_ref()
     }
 
-    /// The final write at shutdown.
+    /// The final write at shutdown, once every shard has stopped: no cursor
+    /// is handed out after it, so the next life continues right after the
+    /// last one used (cursors stay contiguous across clean restarts).
     pub async fn finish(
         &mut self,
         sessions: Vec<(u32, ResumeState)>,
     ) -> Result<SavedState, String> {
-        let state = self.snapshot(true, Some(sessions));
+        let mut state = self.snapshot(true, Some(sessions));
+        state.next_cursor = self.hub.log.next_cursor();
         match self.write(state.clone()).await {
             Ok(()) => Ok(state),
             Err(e) => Err(e.to_string()),
