@@ -228,6 +228,38 @@ impl EventLog {
         outcome
     }
 
+    /// Copy (by reference count) up to `max_entries` entries after cursor
+    /// `after`, unfiltered, into `out`: for readers that filter on more than
+    /// the event bit (the front door: shard, intents, nonce). Same gap
+    /// reporting as [`EventLog::read_after`].
+    pub fn entries_after(
+        &self,
+        after: u64,
+        max_entries: usize,
+        out: &mut Vec<Entry>,
+    ) -> ReadOutcome {
+        let ring = self.lock();
+        let oldest = ring
+            .entries
+            .front()
+            .map_or(ring.next_cursor, |entry| entry.cursor);
+        let mut outcome = ReadOutcome { after, gap: None };
+        if after + 1 < oldest {
+            outcome.gap = Some((after + 1, oldest - 1));
+            outcome.after = oldest - 1;
+        }
+        let start = (outcome.after + 1 - oldest) as usize;
+        for entry in ring
+            .entries
+            .range(start.min(ring.entries.len())..)
+            .take(max_entries.min(MAX_SCAN))
+        {
+            out.push(entry.clone());
+            outcome.after = entry.cursor;
+        }
+        outcome
+    }
+
     /// For every shard, the lowest sequence number of its current session
     /// (`gens[shard]`) that a bot has not acknowledged (cursor > `acked`).
     /// A resume from `that - 1` redelivers exactly the unacknowledged events.
@@ -502,6 +534,32 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![(0, 2), (1, 41)]);
         assert!(log.lowest_unacked_seq(5, &gens).is_empty());
+    }
+
+    #[test]
+    fn entries_after_reads_everything_in_order_and_reports_gaps() {
+        let log = EventLog::new(1, 1000);
+        for seq in 1..=100 {
+            log.append(
+                (seq % 2) as u32,
+                seq,
+                1,
+                (seq % 3) as u8,
+                "MESSAGE_CREATE",
+                b"{}",
+            );
+        }
+        let oldest = log.oldest();
+        let mut out = Vec::new();
+        let outcome = log.entries_after(0, 5, &mut out);
+        assert_eq!(outcome.gap, Some((1, oldest - 1)));
+        assert_eq!(outcome.after, oldest + 4);
+        let cursors: Vec<u64> = out.iter().map(|e| e.cursor).collect();
+        assert_eq!(cursors, (oldest..oldest + 5).collect::<Vec<_>>());
+        assert_eq!(out[0].shard, (oldest % 2) as u32);
+        out.clear();
+        let outcome = log.entries_after(100, 5, &mut out);
+        assert_eq!((outcome.after, outcome.gap, out.len()), (100, None, 0));
     }
 
     #[test]

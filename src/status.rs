@@ -128,4 +128,25 @@ fn print_table(health: &Value) {
         health["oldest"],
         health["bot_clients"],
     );
+    if let Some(dropin) = health["dropin"].as_array() {
+        println!();
+        if dropin.is_empty() {
+            println!("drop-in front door: no client sessions");
+            return;
+        }
+        println!(
+            "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+            "drop-in client", "shard", "state", "seq", "resumes"
+        );
+        for c in dropin {
+            println!(
+                "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+                c["client"].as_str().unwrap_or("-"),
+                c["shard"],
+                c["state"].as_str().unwrap_or("-"),
+                c["seq"],
+                c["resumes"],
+            );
+        }
+    }
 }

@@ -255,6 +255,21 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ))
     })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
+    // The drop-in front door (DESIGN.md §5) starts before the shards so its
+    // state cache sees every READY and GUILD_CREATE.
+    if let Some(proxy) = &config.proxy {
+        let door = crate::frontdoor::FrontDoor::bind(
+            proxy,
+            &api_base,
+            token.clone(),
+            plan.bits,
+            hub.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(DaemonError::config)?;
+        tokio::spawn(door.run());
+    }
 
     let queue = Arc::new(IdentifyQueue::new(
         limit.max_concurrency,
@@ -652,11 +667,28 @@ fn log_summary(hub: &Hub) {
         ring_events,
         evicted,
         bots = hub.bot_clients.load(Ordering::Relaxed),
+        dropin = hub.frontdoor.get().map(|f| f.sessions.counts().0),
         identify_remaining = budget.remaining,
         identify_total = budget.total,
         "{active}/{} shards active",
         hub.shards.len()
     );
+    if let Some(front) = hub.frontdoor.get() {
+        for row in front.sessions.health() {
+            tracing::info!(
+                event = %"dropin_session",
+                client = %row.client,
+                shard = row.shard,
+                state = row.state,
+                seq = row.seq,
+                resumes = row.resumes,
+                "drop-in {} on shard {} is {}",
+                row.client,
+                row.shard,
+                row.state
+            );
+        }
+    }
     for s in hub
         .shards
         .iter()

@@ -123,6 +123,10 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let missed = counter!("shardwarden_bot_missed_events_total");
     let shards_active = gauge!("shardwarden_shards_active");
     let shards_owned = gauge!("shardwarden_shards_owned");
+    let dropin_connected = gauge!("shardwarden_dropin_sessions", "state" => "connected");
+    let dropin_detached = gauge!("shardwarden_dropin_sessions", "state" => "detached");
+    let cache_guilds = gauge!("shardwarden_cache_guilds");
+    let cache_bytes = gauge!("shardwarden_cache_bytes");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -150,5 +154,13 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
                 .count() as f64,
         );
         shards_owned.set(hub.shards.len() as f64);
+        if let Some(front) = hub.frontdoor.get() {
+            let (connected, detached) = front.sessions.counts();
+            dropin_connected.set(connected as f64);
+            dropin_detached.set(detached as f64);
+            let cache = front.cache.stats();
+            cache_guilds.set(cache.guilds as f64);
+            cache_bytes.set(cache.bytes as f64);
+        }
     }
 }
