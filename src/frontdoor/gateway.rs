@@ -609,6 +609,12 @@ where
         }
         let need = (s.s - seq) as usize;
         let log = &self.ctx.hub.log;
+        if s.pos + 1 < log.oldest() {
+            return Err(format!(
+                "events after the session's position (cursor {}) left the replay ring while it was away",
+                s.pos
+            ));
+        }
         let table = self.ctx.hub.events();
         let lowest = s.start_cursor.max(log.oldest().saturating_sub(1));
         let mut last: VecDeque<u64> = VecDeque::with_capacity(need.min(4096));
