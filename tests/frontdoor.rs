@@ -868,3 +868,79 @@ async fn drop_in_sessions_show_in_health() {
         }
     }
 }
+
+/// A real library: twilight-gateway (zlib-stream, its own heartbeats)
+/// identifies, gets READY and the GUILD_CREATEs, live events, and RESUMEs
+/// through the front door after closing resumably; no event twice, none lost.
+#[tokio::test]
+async fn twilight_gateway_connects_and_resumes_through_the_front_door() {
+    use twilight_gateway::{CloseFrame, ConfigBuilder, Intents, ShardId};
+    async fn next(shard: &mut twilight_gateway::Shard) -> Option<Value> {
+        match tokio::time::timeout(WAIT, futures::StreamExt::next(shard))
+            .await
+            .expect("in time")
+        {
+            Some(Ok(twilight_gateway::Message::Text(text))) => {
+                Some(serde_json::from_str::<Value>(&text).expect("json"))
+            }
+            Some(Ok(twilight_gateway::Message::Close(_))) => None,
+            Some(Err(e)) => panic!("twilight: {e}"),
+            None => panic!("shard stream ended"),
+        }
+    }
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let config = ConfigBuilder::new(TOKEN.to_string(), Intents::GUILDS | Intents::GUILD_MESSAGES)
+        .proxy_url(format!("ws://{}", d.addr))
+        .build();
+    let mut shard = twilight_gateway::Shard::with_config(ShardId::ONE, config);
+    let mut texts = Vec::new();
+    while texts.len() < 3 {
+        if let Some(v) = next(&mut shard).await
+            && v["op"] == 0
+        {
+            texts.push(v["t"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(texts, ["READY", "GUILD_CREATE", "GUILD_CREATE"]);
+    sim.dispatch(0, "MESSAGE_CREATE", msg(1, "first"));
+    let mut ids = Vec::new();
+    let mut resumed = false;
+    while ids.is_empty() {
+        if let Some(v) = next(&mut shard).await
+            && v["t"] == "MESSAGE_CREATE"
+        {
+            ids.push(v["d"]["id"].as_str().unwrap_or("").to_string());
+        }
+    }
+    shard.close(CloseFrame::RESUME);
+    for id in 2..=4 {
+        sim.dispatch(0, "MESSAGE_CREATE", msg(id, "around the resume"));
+    }
+    while ids.len() < 4 {
+        if let Some(v) = next(&mut shard).await {
+            match v["t"].as_str() {
+                Some("MESSAGE_CREATE") => ids.push(v["d"]["id"].as_str().unwrap_or("").to_string()),
+                Some("RESUMED") => resumed = true,
+                Some("READY") => panic!("twilight had to identify again: {v}"),
+                _ => {}
+            }
+        }
+    }
+    while !resumed {
+        if let Some(v) = next(&mut shard).await {
+            resumed = v["t"] == "RESUMED";
+        }
+    }
+    assert_eq!(ids, ["1", "2", "3", "4"], "each once, in order");
+    sim.dispatch(0, "MESSAGE_CREATE", msg(5, "after"));
+    loop {
+        if let Some(v) = next(&mut shard).await
+            && v["t"] == "MESSAGE_CREATE"
+        {
+            assert_eq!(v["d"]["id"], "5");
+            break;
+        }
+    }
+    assert_eq!(upstream_identifies(&sim), 1);
+}

@@ -732,7 +732,7 @@ where
         let table = self.ctx.hub.events();
         self.entries.clear();
         let mut frames: Vec<(u64, usize)> = Vec::new();
-        let (pos, gap) = {
+        let (pos, last_s, gap) = {
             let mut s = sessions::lock(&session);
             if s.attached != self.conn {
                 return Ok(()); // taken over; the kick ends this connection
@@ -744,7 +744,7 @@ where
                 .entries_after(s.pos, READ_BATCH, &mut self.entries);
             if outcome.gap.is_some() {
                 s.invalid = true;
-                (s.pos, outcome.gap)
+                (s.pos, s.s, outcome.gap)
             } else {
                 for (i, entry) in self.entries.iter().enumerate() {
                     if s.accepts(entry, &table) {
@@ -753,7 +753,7 @@ where
                     }
                 }
                 s.pos = outcome.after;
-                (s.pos, None)
+                (s.pos, s.s, None)
             }
         };
         if let Some((from, to)) = gap {
@@ -779,8 +779,13 @@ where
         result?;
         if self.replay_until.is_some_and(|until| pos >= until) {
             self.replay_until = None;
-            self.feed(r#"{"t":"RESUMED","s":null,"op":0,"d":{}}"#.to_string())
-                .await?;
+            // RESUMED repeats the last `s` rather than taking a new one, so
+            // `s` stays a function of the ring (libraries such as twilight
+            // require a number here).
+            self.feed(format!(
+                "{{\"t\":\"RESUMED\",\"s\":{last_s},\"op\":0,\"d\":{{}}}}"
+            ))
+            .await?;
         }
         self.more = pos < self.ctx.hub.log.head();
         self.flush().await
