@@ -21,6 +21,9 @@
 //!   every dispatch with a cursor and keeps the replay ring; [`bot_server`]
 //!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
 //!   [`status`] is `shardwarden status`.
+//! - **Front door**: [`frontdoor`] lets unmodified bot libraries connect as
+//!   if shardwarden were Discord (DESIGN.md §5, §6); its [`frontdoor::cache`]
+//!   follows guild state from the dispatch stream to rebuild GUILD_CREATE.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
 //!   depends on it.
@@ -32,6 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod envelope;
 pub mod event_log;
+pub mod frontdoor;
 pub mod gateway;
 pub mod heartbeat;
 pub mod hub;
