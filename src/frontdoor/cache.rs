@@ -577,12 +577,16 @@ impl StateCache {
             let needle = format!("\"{role_id}\"");
             for member in guild.list_mut(List::Members).values_mut() {
                 if member.contains(&needle) {
-                    *member = without_role(member, role_id)?;
+                    match without_role(member, role_id) {
+                        Ok(kept) => *member = kept,
+                        Err(error) => {
+                            tracing::debug!(%error, "state cache kept a member whose roles it cannot read");
+                        }
+                    }
                 }
             }
-            Ok(())
-        })
-        .unwrap_or(Ok(()))
+        });
+        Ok(())
     }
 
     fn list_replace(&self, d: &str, list: List, field: &str) -> Result<(), serde_json::Error> {
@@ -666,10 +670,18 @@ impl StateCache {
             Some(presences) => serde_json::from_str::<Vec<&RawValue>>(presences)?,
             None => Vec::new(),
         };
+        // Everything is checked before anything changes.
+        let presences = presences
+            .iter()
+            .map(|presence| {
+                entry_id(Key::UserObject, presence.get())?;
+                RawObject::parse(presence.get())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.with_guild(guild_id, |guild| {
             guild.list_mut(List::Members).extend(members);
-            for presence in presences {
-                guild.apply_presence(&RawObject::parse(presence.get())?)?;
+            for presence in &presences {
+                guild.apply_presence(presence)?;
             }
             Ok(())
         })
