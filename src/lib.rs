@@ -22,9 +22,10 @@
 //!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
 //!   [`status`] is `shardwarden status`.
 //! - **Front door**: [`frontdoor`] lets unmodified bot libraries connect as
-//!   if shardwarden were Discord (DESIGN.md §5): HTTP and WebSocket on one
-//!   loopback port, READY and GUILD_CREATE rebuilt from its state cache,
-//!   each client session reading the event log like a socket bot.
+//!   if shardwarden were Discord (DESIGN.md §5, §6): HTTP and WebSocket on
+//!   one loopback port; its [`frontdoor::cache`] follows guild state from
+//!   the dispatch stream to rebuild READY's guilds and GUILD_CREATE, and
+//!   each client session reads the event log like a socket bot.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
 //!   depends on it.

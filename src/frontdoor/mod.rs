@@ -1,17 +1,18 @@
-//! The drop-in front door (DESIGN.md §5): unmodified bot libraries connect
-//! to shardwarden as if it were Discord.
+//! The front door: the Discord-compatible HTTP + WebSocket listener that
+//! unmodified bot libraries (discord.py, discord.js, twilight, serenity …)
+//! connect to as if it were Discord (DESIGN.md §5, §6).
 //!
+//! - [`cache`] follows every guild of every shard from the raw dispatch
+//!   stream and rebuilds the GUILD_CREATE a client gets after IDENTIFY.
 //! - [`server`]: one loopback listener (hyper) for HTTP and WebSocket
 //!   upgrades; `/gateway` and `/gateway/bot` answered locally, every other
 //!   `/api/…` request streamed to `[discord] api_base`.
 //! - [`gateway`]: the gateway protocol from the server's side, one task per
 //!   client connection: HELLO, heartbeats, IDENTIFY → READY built from the
-//!   shard's real READY plus one GUILD_CREATE per guild from the
-//!   [`cache`], then the shard's events read from the event log like a
-//!   socket bot reads them (a slow client never slows a shard).
+//!   shard's real READY plus one GUILD_CREATE per guild from the cache,
+//!   then the shard's events read from the event log like a socket bot
+//!   reads them (a slow client never slows a shard).
 //! - [`sessions`]: what a RESUME needs, kept after a connection ends.
-//! - [`cache`]: the state cache that follows every guild from the raw event
-//!   stream (fed by the shards' dispatch path).
 //! - [`compress`]: zlib-stream, zstd-stream and per-message zlib, server side.
 
 pub mod cache;
