@@ -238,11 +238,11 @@ fn msg(id: u64, content: &str) -> Value {
     json!({"id": id.to_string(), "channel_id": "1", "content": content, "author": {"id": "2", "username": "u"}})
 }
 
-/// The shard of the simulator's guilds, for guild-scoped assertions.
+/// The next MESSAGE_CREATE (heartbeat ACKs and other dispatches skipped).
 async fn next_message(gw: &mut Gw) -> Value {
     loop {
-        let v = gw.dispatch().await;
-        if v["t"] == "MESSAGE_CREATE" {
+        let v = gw.recv().await;
+        if v["op"] == 0 && v["t"] == "MESSAGE_CREATE" {
             return v;
         }
     }
@@ -943,4 +943,143 @@ async fn twilight_gateway_connects_and_resumes_through_the_front_door() {
         }
     }
     assert_eq!(upstream_identifies(&sim), 1);
+}
+
+/// A client that stops reading never holds up the shard or other clients:
+/// its connection is dropped once a write has blocked for 1.5 × the
+/// heartbeat interval, and its session resumes with everything it missed.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_resumes_with_everything() {
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let stream = socket.connect(d.addr).await.expect("connect");
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/?v=10&encoding=json", d.addr),
+        MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("handshake");
+    let mut stuck = Gw {
+        ws,
+        inflater: Inflater::new(Compression::None).expect("inflater"),
+    };
+    assert_eq!(stuck.recv().await["op"], 10);
+    let mut identify = Gw::identify(0, 1, INTENTS);
+    identify["d"]["properties"]["browser"] = json!("stuck");
+    stuck.send(identify).await;
+    let ready = stuck.dispatch().await["d"].clone();
+    for _ in 0..ready["guilds"].as_array().map_or(0, Vec::len) {
+        assert_eq!(stuck.dispatch().await["t"], "GUILD_CREATE");
+    }
+    let mut healthy = Gw::hello(d.addr, "v=10&encoding=json").await;
+    healthy.identify_ready(0, 1).await;
+
+    // `stuck` stops reading; `healthy` keeps up.
+    let filler = "z".repeat(2000);
+    let total = 3000u64;
+    let pump = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            for id in 1..=total {
+                sim.dispatch(0, "MESSAGE_CREATE", msg(id, &filler));
+                if id % 5 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    for id in 1..=total {
+        let v = next_message(&mut healthy).await;
+        assert_eq!(
+            v["d"]["id"],
+            id.to_string(),
+            "the reading client gets everything in order"
+        );
+        if id % 200 == 0 {
+            healthy.send(json!({"op": 1, "d": null})).await;
+            // `stuck` heartbeats too (it only stopped reading), so only the
+            // write limit can drop it.
+            stuck
+                .send_raw(json!({"op": 1, "d": null}).to_string())
+                .await;
+        }
+    }
+    pump.await.expect("pump");
+    // Its connection is dropped by the write limit (1.5 × heartbeat), not
+    // left blocked: the session shows as detached.
+    let mut detached = false;
+    for _ in 0..50 {
+        let h = health(&d).await;
+        let rows = h["dropin"].as_array().cloned().unwrap_or_default();
+        let stuck_row = rows.iter().find(|r| {
+            r["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("stuck#"))
+        });
+        if stuck_row.is_some_and(|r| r["state"] == "detached") {
+            detached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(detached, "the stuck client's connection was dropped");
+    let mut again = Gw::hello(d.addr, "v=10&encoding=json").await;
+    again
+        .send(json!({"op": 6, "d": {"token": TOKEN, "session_id": ready["session_id"], "seq": 3}}))
+        .await;
+    // What the session had is replayed with its original s, then RESUMED;
+    // events it had not been given yet follow as live ones, s continuing.
+    let mut resumed = false;
+    let mut id = 1;
+    while id <= total {
+        let v = again.recv().await;
+        if v["op"] == 11 {
+            continue;
+        }
+        if v["t"] == "RESUMED" {
+            assert!(!resumed, "one RESUMED");
+            resumed = true;
+            continue;
+        }
+        assert_eq!(
+            (v["d"]["id"].as_str(), v["s"].as_u64()),
+            (Some(id.to_string().as_str()), Some(3 + id))
+        );
+        if id % 500 == 0 {
+            again.send(json!({"op": 1, "d": null})).await;
+        }
+        id += 1;
+    }
+    assert!(resumed);
+    drop(stuck);
+}
+
+/// One `health` message from the bot socket.
+async fn health(d: &Daemon) -> Value {
+    use tokio::io::AsyncBufReadExt;
+    let stream = tokio::net::UnixStream::connect(&d.socket)
+        .await
+        .expect("bot socket");
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let hello = json!({"op":"hello","v":1,"client":"health-probe","events":["*"],"diagnostics":false,"resume_from":null});
+    write
+        .write_all(format!("{hello}\n{{\"op\":\"status\"}}\n").as_bytes())
+        .await
+        .expect("write");
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("in time")
+            .expect("read")
+            .expect("a line");
+        let v: Value = serde_json::from_str(&line).expect("json");
+        if v["op"] == "health" {
+            return v;
+        }
+    }
 }

@@ -801,17 +801,36 @@ where
             .deflater
             .encode(text)
             .map_err(|e| End::Transport(format!("compression failed: {e}")))?;
-        self.ws
-            .feed(message)
-            .await
-            .map_err(|e| End::Transport(e.to_string()))
+        let limit = self.write_limit();
+        match timeout(limit, self.ws.feed(message)).await {
+            Ok(result) => result.map_err(|e| End::Transport(e.to_string())),
+            Err(_) => Err(self.stalled(limit)),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        self.ws
-            .flush()
-            .await
-            .map_err(|e| End::Transport(e.to_string()))
+        let limit = self.write_limit();
+        match timeout(limit, self.ws.flush()).await {
+            Ok(result) => result.map_err(|e| End::Transport(e.to_string())),
+            Err(_) => Err(self.stalled(limit)),
+        }
+    }
+
+    /// How long one write may block on a client that does not read: as long
+    /// as a client may go without heartbeating.
+    fn write_limit(&self) -> Duration {
+        self.ctx.heartbeat * 3 / 2
+    }
+
+    /// A client that stopped reading: dropped without a close frame (it
+    /// would not read one). Its session stays; if its events leave the ring
+    /// meanwhile, its RESUME gets op 9.
+    fn stalled(&self, limit: Duration) -> End {
+        tracing::warn!(event = %"dropin_stalled", conn = self.conn, "a drop-in client has not read from its socket for {} ms; dropping the connection (the shard never waited on it)", limit.as_millis());
+        End::Transport(format!(
+            "client stopped reading for {} ms",
+            limit.as_millis()
+        ))
     }
 
     /// Close with `code`; the caller ends the connection.

@@ -43,6 +43,8 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest frame accepted from a client before the 4096-byte check (a
 /// larger one is refused with 4002 either way).
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Most bytes queued for a client beyond what its socket took.
+const MAX_WRITE_BUFFER: usize = 4 << 20;
 /// Limit on connecting to `api_base`.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -363,9 +365,14 @@ fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr) -> Respo
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
+                // A bounded write buffer, so a client that stops reading
+                // blocks its writer (and gets dropped by the write limit)
+                // instead of growing the buffer without end.
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(MAX_CLIENT_MESSAGE))
-                    .max_frame_size(Some(MAX_CLIENT_MESSAGE));
+                    .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+                    .write_buffer_size(64 * 1024)
+                    .max_write_buffer_size(MAX_WRITE_BUFFER);
                 let ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
