@@ -94,6 +94,13 @@ pub fn check_config(path: &Path) -> ExitCode {
             proxy.max_queue_wait.as_millis()
         ),
     }
+    if config.proxy.is_some() && !config.discord.events.iter().any(|e| e == "*") {
+        println!();
+        println!(
+            "warning: [proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live; use events = [\"*\"]",
+            plan.events.len()
+        );
+    }
     for warning in &plan.warnings {
         println!();
         println!("warning: {warning}");

@@ -41,6 +41,18 @@ pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
         sim.gateway_url(),
         config.bot.socket.display()
     );
+    if let Some(proxy) = &mut config.proxy {
+        if std::net::TcpListener::bind(proxy.listen).is_err()
+            && let Ok(free) = std::net::TcpListener::bind("127.0.0.1:0")
+            && let Ok(addr) = free.local_addr()
+        {
+            proxy.listen = addr;
+        }
+        println!(
+            "demo: drop-in front door on ws://{0} (REST http://{0}/api/v10): point a discord.py or discord.js bot at it with shard_count 4 and the demo token from config/demo.toml (README: Drop-in mode)",
+            proxy.listen
+        );
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = config.bot.socket.clone();

@@ -204,6 +204,17 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
     }
 
+    // The front door rebuilds READY and GUILD_CREATE from what the shards
+    // receive after READY; a resumed session replays neither, so with
+    // [proxy] on the shards identify once at start-up to fill the cache.
+    if config.proxy.is_some() && !resumes.is_empty() {
+        tracing::warn!(
+            event = %"state_ignored",
+            sessions = resumes.len(),
+            "[proxy] is on: identifying instead of resuming the saved sessions, because the drop-in state cache is filled only by READY and GUILD_CREATE (one identify per shard per daemon start)"
+        );
+        resumes.clear();
+    }
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
     for &shard in &owned {
@@ -258,6 +269,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     // The drop-in front door (DESIGN.md §5) starts before the shards so its
     // state cache sees every READY and GUILD_CREATE.
     if let Some(proxy) = &config.proxy {
+        if !config.discord.events.iter().any(|e| e == "*") {
+            tracing::warn!(event = %"config_warning", "[proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live (READY and GUILD_CREATE are rebuilt regardless); use events = [\"*\"] so libraries see everything their intents cover", plan.events.len());
+        }
         let door = crate::frontdoor::FrontDoor::bind(
             proxy,
             &api_base,
