@@ -1083,3 +1083,78 @@ async fn health(d: &Daemon) -> Value {
         }
     }
 }
+
+#[tokio::test]
+async fn resume_takes_a_session_over_from_a_still_open_connection() {
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let mut old = Gw::hello(d.addr, "v=10&encoding=json").await;
+    let ready = old.identify_ready(0, 1).await;
+    sim.dispatch(0, "MESSAGE_CREATE", msg(1, "to the old connection"));
+    assert_eq!(next_message(&mut old).await["s"], 4);
+    // The library thinks `old` is dead (a zombie) and resumes elsewhere.
+    let mut new = Gw::hello(d.addr, "v=10&encoding=json").await;
+    new.send(json!({"op": 6, "d": {"token": TOKEN, "session_id": ready["session_id"], "seq": 3}}))
+        .await;
+    let replayed = new.dispatch().await;
+    assert_eq!(
+        (replayed["d"]["id"].as_str(), replayed["s"].as_u64()),
+        (Some("1"), Some(4))
+    );
+    assert_eq!(new.dispatch().await["t"], "RESUMED");
+    assert_eq!(
+        old.close_code().await,
+        Some(4000),
+        "the old connection is let go"
+    );
+    sim.dispatch(0, "MESSAGE_CREATE", msg(2, "only to the new one"));
+    assert_eq!(next_message(&mut new).await["s"], 5);
+}
+
+#[tokio::test]
+async fn identify_waits_for_the_shard_to_hold_a_session() {
+    use shardwarden::simulator::Fault;
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    // Discord ends the shard's session: it re-identifies after 1–5 s.
+    assert!(sim.inject(0, Fault::InvalidSession { resumable: false }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
+    gw.send(json!({"op": 1, "d": null})).await;
+    assert_eq!(
+        gw.recv().await["op"],
+        11,
+        "heartbeats answered while waiting"
+    );
+    gw.send(Gw::identify(0, 1, INTENTS)).await;
+    let mut waited = 0;
+    let mut next_beat = tokio::time::Instant::now();
+    let ready = loop {
+        if tokio::time::Instant::now() >= next_beat {
+            gw.send(json!({"op": 1, "d": null})).await;
+            next_beat += Duration::from_millis(400);
+            waited += 1;
+        }
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(100), gw.recv()).await
+            && v["op"] == 0
+        {
+            break v;
+        }
+    };
+    assert!(
+        waited >= 2,
+        "READY waited for the shard ({waited} heartbeats)"
+    );
+    assert_eq!(
+        (ready["t"].as_str(), ready["s"].as_u64()),
+        (Some("READY"), Some(1))
+    );
+    assert_eq!(
+        upstream_identifies(&sim),
+        2,
+        "READY came from the shard's new session"
+    );
+    assert_eq!(ready["d"]["guilds"].as_array().map(Vec::len), Some(2));
+    sim.dispatch(0, "MESSAGE_CREATE", msg(1, "live"));
+    assert_eq!(next_message(&mut gw).await["d"]["id"], "1");
+}
