@@ -1158,3 +1158,47 @@ async fn identify_waits_for_the_shard_to_hold_a_session() {
     sim.dispatch(0, "MESSAGE_CREATE", msg(1, "live"));
     assert_eq!(next_message(&mut gw).await["d"]["id"], "1");
 }
+
+#[tokio::test]
+async fn a_guild_in_an_outage_gets_guild_delete_unavailable_in_the_burst() {
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let mut first = Gw::hello(d.addr, "v=10&encoding=json").await;
+    let ready = first.identify_ready(0, 1).await;
+    let down = ready["guilds"][0]["id"]
+        .as_str()
+        .expect("guild id")
+        .to_string();
+    sim.dispatch(0, "GUILD_DELETE", json!({"id": down, "unavailable": true}));
+    let seen = first.dispatch().await;
+    assert_eq!(
+        (seen["t"].as_str(), seen["d"]["id"].as_str()),
+        (Some("GUILD_DELETE"), Some(down.as_str()))
+    );
+    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
+    gw.send(Gw::identify(0, 1, INTENTS)).await;
+    let ready = gw.dispatch().await;
+    assert_eq!(
+        ready["d"]["guilds"].as_array().map(Vec::len),
+        Some(2),
+        "still listed in READY"
+    );
+    let mut burst = Vec::new();
+    for _ in 0..2 {
+        let v = gw.dispatch().await;
+        burst.push((
+            v["t"].as_str().unwrap_or("").to_string(),
+            v["d"]["id"].as_str().unwrap_or("").to_string(),
+            v["d"]["unavailable"].clone(),
+        ));
+    }
+    assert!(
+        burst.contains(&("GUILD_DELETE".to_string(), down.clone(), json!(true))),
+        "{burst:?}"
+    );
+    assert_eq!(
+        burst.iter().filter(|(t, ..)| t == "GUILD_CREATE").count(),
+        1,
+        "{burst:?}"
+    );
+}

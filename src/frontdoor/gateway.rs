@@ -470,22 +470,31 @@ where
         let start_cursor = ctx.hub.log.head();
         let stubs = ctx.shared.cache.shard_guilds(pending.shard);
         let mut ready: Map<String, Value> = serde_json::from_slice(&raw_ready).unwrap_or_default();
-        let guild_creates: Vec<String> = if pending.intents & GUILDS != 0 {
-            stubs
-                .iter()
-                .filter(|g| !g.unavailable)
-                .filter_map(|g| ctx.shared.cache.guild_create(g.id))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // One GUILD_CREATE per available guild; a guild the cache holds
+        // only as unavailable (an outage, or still loading after the
+        // shard's READY) gets GUILD_DELETE `unavailable: true`, as Discord
+        // sends for guilds that stay unavailable (facts §4.4). Its
+        // GUILD_CREATE follows live when Discord sends it.
+        let mut burst: Vec<(&'static [u8], String)> = Vec::new();
+        if pending.intents & GUILDS != 0 {
+            for guild in &stubs {
+                match (guild.unavailable, ctx.shared.cache.guild_create(guild.id)) {
+                    (false, Some(create)) => burst.push((b"GUILD_CREATE", create)),
+                    _ => burst.push((
+                        b"GUILD_DELETE",
+                        format!("{{\"id\":\"{}\",\"unavailable\":true}}", guild.id),
+                    )),
+                }
+            }
+        }
+        let guild_creates = burst.iter().filter(|(t, _)| *t == b"GUILD_CREATE").count();
         let session = ctx.shared.sessions.create(
             self.conn,
             pending.client.clone(),
             pending.shard,
             pending.intents,
             start_cursor,
-            1 + guild_creates.len() as u64,
+            1 + burst.len() as u64,
         );
         let session_id = sessions::lock(&session).id.clone();
         ready.insert("session_id".into(), Value::String(session_id));
@@ -518,19 +527,15 @@ where
             shard = pending.shard,
             intents = pending.intents,
             guilds = stubs.len(),
-            guild_creates = guild_creates.len(),
+            guild_creates,
             "drop-in client identified (no upstream IDENTIFY spent)"
         );
         let ready = Value::Object(ready).to_string();
         self.feed(dispatch_frame(b"READY", 1, ready.as_bytes()))
             .await?;
-        for (i, guild) in guild_creates.iter().enumerate() {
-            self.feed(dispatch_frame(
-                b"GUILD_CREATE",
-                2 + i as u64,
-                guild.as_bytes(),
-            ))
-            .await?;
+        for (i, (t, d)) in burst.iter().enumerate() {
+            self.feed(dispatch_frame(t, 2 + i as u64, d.as_bytes()))
+                .await?;
         }
         self.flush().await?;
         if let Some(presence) = pending.presence {
