@@ -697,14 +697,24 @@ async fn gateway_bot_is_answered_locally_and_checks_the_token() {
     );
 }
 
+/// What the stand-in REST API saw.
+#[derive(Default)]
+struct Echoed {
+    /// Requests echoed.
+    requests: AtomicUsize,
+    /// Connections that carried echoed requests.
+    connections: AtomicUsize,
+}
+
 /// A stand-in for Discord's REST API: answers `/gateway/bot` (pointing at
-/// the simulator's gateway) and echoes every other request.
-async fn echo_upstream(sim: &Simulator) -> (String, Arc<AtomicUsize>) {
+/// the simulator's gateway) and echoes every other request, keeping
+/// connections alive unless the request says `Connection: close`.
+async fn echo_upstream(sim: &Simulator) -> (String, Arc<Echoed>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let gateway = sim.gateway_url();
     let shards = sim.config().shards;
-    let echoed = Arc::new(AtomicUsize::new(0));
+    let echoed = Arc::new(Echoed::default());
     let count = echoed.clone();
     tokio::spawn(async move {
         loop {
@@ -716,58 +726,69 @@ async fn echo_upstream(sim: &Simulator) -> (String, Arc<AtomicUsize>) {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
-                let head_end = loop {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + length {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let request_line = head.lines().next().unwrap_or("").to_string();
-                let (status, body, extra) = if request_line.contains("/gateway/bot") {
-                    let body = json!({"url": gateway, "shards": shards, "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 1000, "max_concurrency": 1}}).to_string();
-                    (200, body, String::new())
-                } else {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let auth = head
+                let mut first_echo = true;
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let lower = head.to_ascii_lowercase();
+                    let length: usize = lower
                         .lines()
                         .find_map(|l| {
-                            l.strip_prefix("authorization: ")
-                                .or_else(|| l.strip_prefix("Authorization: "))
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
                         })
-                        .unwrap_or("")
-                        .to_string();
-                    let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
-                    let echo =
-                        json!({"request_line": request_line, "authorization": auth, "body": body})
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
+                    let close = lower.contains("connection: close");
+                    let request_line = head.lines().next().unwrap_or("").to_string();
+                    let (status, body, extra) = if request_line.contains("/gateway/bot") {
+                        let body = json!({"url": gateway, "shards": shards, "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 1000, "max_concurrency": 1}}).to_string();
+                        (200, body, String::new())
+                    } else {
+                        count.requests.fetch_add(1, Ordering::SeqCst);
+                        if first_echo {
+                            count.connections.fetch_add(1, Ordering::SeqCst);
+                            first_echo = false;
+                        }
+                        let auth = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("authorization: ")
+                                    .or_else(|| l.strip_prefix("Authorization: "))
+                            })
+                            .unwrap_or("")
                             .to_string();
-                    (201, echo, "X-RateLimit-Bucket: abc\r\n".to_string())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
+                        let body = String::from_utf8_lossy(&body).to_string();
+                        let echo = json!({"request_line": request_line, "authorization": auth, "body": body})
+                            .to_string();
+                        (201, echo, "X-RateLimit-Bucket: abc\r\n".to_string())
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}{}\r\n{body}",
+                        body.len(),
+                        if close { "Connection: close\r\n" } else { "" }
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() || close {
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
+                }
             });
         }
     });
@@ -779,32 +800,39 @@ async fn other_api_requests_are_forwarded_unchanged() {
     let sim = simulator(1).await;
     let (api_base, echoed) = echo_upstream(&sim).await;
     let d = daemon(&sim, &api_base, "", "16MiB").await;
-    let body = json!({"content": "hello through the front door"}).to_string();
-    let mut stream = TcpStream::connect(d.addr).await.expect("connect");
-    let request = format!(
-        "POST /api/v10/channels/42/messages?x=1 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bot {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        d.addr,
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).to_string();
-    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
-    assert!(
-        text.to_ascii_lowercase()
-            .contains("x-ratelimit-bucket: abc"),
-        "headers back: {text}"
-    );
-    let echo: Value =
-        serde_json::from_str(text.split_once("\r\n\r\n").expect("body").1).expect("json");
+    for round in 0..3 {
+        let body = json!({"content": format!("hello through the front door {round}")}).to_string();
+        let mut stream = TcpStream::connect(d.addr).await.expect("connect");
+        let request = format!(
+            "POST /api/v10/channels/42/messages?x=1 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bot {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            d.addr,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        let text = String::from_utf8_lossy(&response).to_string();
+        assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("x-ratelimit-bucket: abc"),
+            "headers back: {text}"
+        );
+        let echo: Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").expect("body").1).expect("json");
+        assert_eq!(
+            echo["request_line"],
+            "POST /api/v10/channels/42/messages?x=1 HTTP/1.1"
+        );
+        assert_eq!(echo["authorization"], format!("Bot {TOKEN}"));
+        assert_eq!(echo["body"], body);
+    }
+    assert_eq!(echoed.requests.load(Ordering::SeqCst), 3);
     assert_eq!(
-        echo["request_line"],
-        "POST /api/v10/channels/42/messages?x=1 HTTP/1.1"
+        echoed.connections.load(Ordering::SeqCst),
+        1,
+        "one kept-alive upstream connection for all three (the client's Connection: close is hop-by-hop)"
     );
-    assert_eq!(echo["authorization"], format!("Bot {TOKEN}"));
-    assert_eq!(echo["body"], body);
-    assert_eq!(echoed.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@
 //!   never stops a library from starting every shard (client IDENTIFYs cost
 //!   no Discord IDENTIFY).
 //! - Every other `/api/…` request is streamed to `[discord] api_base`
-//!   unchanged, bodies included, never buffered whole (the rate-limited
-//!   version is DESIGN.md §6). The log names method, route (webhook and
+//!   unchanged, bodies included, never buffered whole, over a small pool of
+//!   kept-alive connections (the rate-limited version is DESIGN.md §6). The log names method, route (webhook and
 //!   interaction tokens redacted, query left out), status and latency; the
 //!   Authorization header is passed through and never logged.
 //! - A WebSocket upgrade on any path becomes a gateway connection
@@ -85,7 +85,7 @@ impl Ctx {
     }
 }
 
-/// `[discord] api_base`, split for forwarding.
+/// `[discord] api_base`, split for forwarding, with its idle connections.
 struct Upstream {
     tls: Option<Arc<rustls::ClientConfig>>,
     host: String,
@@ -93,7 +93,16 @@ struct Upstream {
     authority: String,
     /// The path before `/api` (usually empty).
     root: String,
+    /// Open HTTP/1.1 connections to `api_base`, reused once their last
+    /// response body has been streamed (a TLS handshake per request would
+    /// add a round trip or two to every REST call).
+    pool: std::sync::Mutex<Vec<Sender>>,
 }
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// Connections kept open to `api_base`.
+const POOL_SIZE: usize = 32;
 
 impl Upstream {
     fn parse(api_base: &str) -> Result<Upstream, String> {
@@ -126,6 +135,7 @@ impl Upstream {
             port,
             authority: authority.to_string(),
             root,
+            pool: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -501,6 +511,41 @@ async fn send_upstream(
     upstream: &Upstream,
     request: Request<Incoming>,
 ) -> Result<Response<Incoming>, String> {
+    let idle = {
+        let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|sender| !sender.is_closed());
+        pool.iter()
+            .position(Sender::is_ready)
+            .map(|i| pool.swap_remove(i))
+    };
+    let (mut sender, reused) = match idle {
+        Some(sender) => (sender, true),
+        None => (connect_upstream(upstream).await?, false),
+    };
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => Ok(response),
+        Err(mut e) => match (reused, e.take_message()) {
+            // An idle connection the server closed meanwhile: the request
+            // was not sent, so it goes again on a fresh connection.
+            (true, Some(request)) => {
+                sender = connect_upstream(upstream).await?;
+                sender
+                    .try_send_request(request)
+                    .await
+                    .map_err(|e| format!("request failed: {}", e.error()))
+            }
+            _ => Err(format!("request failed: {}", e.error())),
+        },
+    };
+    // Back in the pool: ready again once this response's body is done.
+    let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() < POOL_SIZE && !sender.is_closed() {
+        pool.push(sender);
+    }
+    response
+}
+
+async fn connect_upstream(upstream: &Upstream) -> Result<Sender, String> {
     let tcp = tokio::time::timeout(
         UPSTREAM_CONNECT_TIMEOUT,
         TcpStream::connect((upstream.host.as_str(), upstream.port)),
@@ -510,7 +555,7 @@ async fn send_upstream(
     .map_err(|e| format!("connect failed: {e}"))?;
     let _ = tcp.set_nodelay(true);
     match &upstream.tls {
-        None => exchange(tcp, request).await,
+        None => handshake(tcp).await,
         Some(config) => {
             let name = rustls::pki_types::ServerName::try_from(upstream.host.clone())
                 .map_err(|e| format!("bad TLS server name: {e}"))?;
@@ -518,18 +563,18 @@ async fn send_upstream(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            exchange(tls, request).await
+            handshake(tls).await
         }
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh connection; the connection task lives
-/// until the response body has been streamed.
-async fn exchange<S>(stream: S, request: Request<Incoming>) -> Result<Response<Incoming>, String>
+/// An HTTP/1.1 connection to `api_base`; its task lives until the
+/// connection closes.
+async fn handshake<S>(stream: S) -> Result<Sender, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake failed: {e}"))?;
     tokio::spawn(async move {
@@ -537,10 +582,7 @@ where
             tracing::debug!("upstream REST connection ended: {e}");
         }
     });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request failed: {e}"))
+    Ok(sender)
 }
 
 /// The path for logs: ids kept, webhook and interaction tokens replaced.
