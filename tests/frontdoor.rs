@@ -215,6 +215,8 @@ impl Gw {
             "properties": {"os": "linux", "browser": "rawtest", "device": "rawtest"},
             "compress": false,
             "large_threshold": 250,
+            "capabilities": 16381,
+            "presence": {"since": null, "activities": [{"name": "tests", "type": 0}], "status": "online", "afk": false},
         }})
     }
 
@@ -277,6 +279,16 @@ async fn identify_ready_guild_creates_and_live_events_with_own_seq() {
         upstream_identifies(&sim),
         2,
         "no upstream IDENTIFY for clients"
+    );
+    assert!(
+        sim.wait_until(
+            |s| s.frames().iter().any(|f| f.op == 3
+                && f.shard == Some(1)
+                && f.json["d"]["activities"][0]["name"] == "tests"),
+            WAIT
+        )
+        .await,
+        "IDENTIFY's presence reached shard 1 as an op 3"
     );
 
     sim.dispatch(0, "MESSAGE_CREATE", msg(10, "shard zero"));
