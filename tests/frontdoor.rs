@@ -28,14 +28,27 @@ struct Daemon {
     addr: SocketAddr,
     socket: std::path::PathBuf,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), supervisor::DaemonError>>,
-    _dir: tempfile::TempDir,
+    task: Option<tokio::task::JoinHandle<Result<(), supervisor::DaemonError>>>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Shut down cleanly (SIGTERM's path) and hand back the directory with
+    /// the saved state.
+    async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.shutdown.send(true);
+        let task = self.task.take().expect("running");
+        task.await.expect("joined").expect("clean shutdown");
+        self.dir.take().expect("dir")
+    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -61,6 +74,24 @@ async fn simulator(shards: u32) -> Simulator {
 async fn daemon(sim: &Simulator, api_base: &str, proxy_extra: &str, ring: &str) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    let daemon = daemon_in(dir, port, sim, api_base, proxy_extra, ring);
+    let shards = sim.config().shards as usize;
+    assert!(
+        sim.wait_until(|s| s.sessions().len() >= shards, WAIT).await,
+        "every shard identifies upstream"
+    );
+    daemon
+}
+
+/// The daemon on `dir` (its state and socket) and front door `port`.
+fn daemon_in(
+    dir: tempfile::TempDir,
+    port: u16,
+    sim: &Simulator,
+    api_base: &str,
+    proxy_extra: &str,
+    ring: &str,
+) -> Daemon {
     let text = format!(
         r#"
 [discord]
@@ -101,17 +132,12 @@ heartbeat_interval = "1s"
         ..DaemonOptions::default()
     };
     let task = tokio::spawn(supervisor::run(config, options));
-    let shards = sim.config().shards as usize;
-    assert!(
-        sim.wait_until(|s| s.sessions().len() >= shards, WAIT).await,
-        "every shard identifies upstream"
-    );
     Daemon {
         socket: dir.path().join("bot.sock"),
         addr: format!("127.0.0.1:{port}").parse().expect("addr"),
         shutdown,
-        task,
-        _dir: dir,
+        task: Some(task),
+        dir: Some(dir),
     }
 }
 
@@ -218,6 +244,27 @@ impl Gw {
             "capabilities": 16381,
             "presence": {"since": null, "activities": [{"name": "tests", "type": 0}], "status": "online", "afk": false},
         }})
+    }
+
+    /// IDENTIFY while the shard may still be without a session: heartbeat
+    /// every 400 ms until READY. Returns the READY frame and the heartbeats
+    /// sent while waiting.
+    async fn identify_waiting(&mut self, shard: u32, total: u32) -> (Value, u32) {
+        self.send(Gw::identify(shard, total, INTENTS)).await;
+        let mut beats = 0;
+        let mut next_beat = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_beat {
+                self.send(json!({"op": 1, "d": null})).await;
+                next_beat += Duration::from_millis(400);
+                beats += 1;
+            }
+            if let Ok(v) = tokio::time::timeout(Duration::from_millis(100), self.recv()).await
+                && v["op"] == 0
+            {
+                return (v, beats);
+            }
+        }
     }
 
     /// IDENTIFY, then READY and one GUILD_CREATE per guild; returns READY's d.
@@ -1166,21 +1213,7 @@ async fn identify_waits_for_the_shard_to_hold_a_session() {
         11,
         "heartbeats answered while waiting"
     );
-    gw.send(Gw::identify(0, 1, INTENTS)).await;
-    let mut waited = 0;
-    let mut next_beat = tokio::time::Instant::now();
-    let ready = loop {
-        if tokio::time::Instant::now() >= next_beat {
-            gw.send(json!({"op": 1, "d": null})).await;
-            next_beat += Duration::from_millis(400);
-            waited += 1;
-        }
-        if let Ok(v) = tokio::time::timeout(Duration::from_millis(100), gw.recv()).await
-            && v["op"] == 0
-        {
-            break v;
-        }
-    };
+    let (ready, waited) = gw.identify_waiting(0, 1).await;
     assert!(
         waited >= 2,
         "READY waited for the shard ({waited} heartbeats)"
@@ -1241,4 +1274,61 @@ async fn a_guild_in_an_outage_gets_guild_delete_unavailable_in_the_burst() {
         1,
         "{burst:?}"
     );
+}
+
+/// With [proxy] on, a restarted daemon identifies (its in-memory cache and
+/// READY are gone, and a resumed session would replay neither), and clients
+/// get a full READY and GUILD_CREATEs again.
+#[tokio::test]
+async fn a_restarted_daemon_identifies_to_refill_the_cache() {
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
+    gw.identify_ready(0, 1).await;
+    drop(gw);
+    let port = d.addr.port();
+    let dir = d.stop().await;
+    assert!(
+        dir.path()
+            .join("state")
+            .read_dir()
+            .expect("state dir")
+            .count()
+            > 0,
+        "sessions were saved"
+    );
+    let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
+    assert!(
+        sim.wait_until(|s| upstream_identifies(s) == 2, WAIT).await,
+        "the restarted daemon identified"
+    );
+    assert_eq!(
+        sim.frames().iter().filter(|f| f.op == 6).count(),
+        0,
+        "and did not resume the saved session"
+    );
+    let mut gw = loop {
+        if let Ok(Ok((ws, _))) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio_tungstenite::connect_async(format!("ws://{}/?v=10&encoding=json", d.addr)),
+        )
+        .await
+        {
+            break Gw {
+                ws,
+                inflater: Inflater::new(Compression::None).expect("inflater"),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(gw.recv().await["op"], 10);
+    let (ready, _) = gw.identify_waiting(0, 1).await;
+    assert_eq!(ready["t"], "READY");
+    let guilds = ready["d"]["guilds"].as_array().map_or(0, Vec::len);
+    assert_eq!(guilds, 2, "READY lists the shard's guilds again");
+    let mut creates = 0;
+    while creates < guilds {
+        let v = gw.recv().await;
+        creates += usize::from(v["t"] == "GUILD_CREATE");
+    }
 }
