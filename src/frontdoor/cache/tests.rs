@@ -995,3 +995,41 @@ fn cache_is_send_and_sync() {
     fn shared<T: Send + Sync>() {}
     shared::<StateCache>();
 }
+
+#[test]
+fn shards_apply_and_clients_rebuild_concurrently() {
+    let cache = Arc::new(StateCache::new());
+    let threads: Vec<_> = (0..4u32)
+        .map(|shard| {
+            let cache = Arc::clone(&cache);
+            std::thread::spawn(move || {
+                let guild_id = 1000 + u64::from(shard);
+                let mut guild = guild_create();
+                guild["id"] = json!(guild_id.to_string());
+                guild["member_count"] = json!(0);
+                guild["members"] = json!([]);
+                cache.apply(shard, "GUILD_CREATE", guild.to_string().as_bytes());
+                for user in 0..200 {
+                    let member = json!({"guild_id": guild_id.to_string(), "user": {"id": user.to_string()},
+                                        "roles": [], "joined_at": null, "deaf": false, "mute": false});
+                    cache.apply(shard, "GUILD_MEMBER_ADD", member.to_string().as_bytes());
+                    // Another shard's guild, read while its shard writes.
+                    let other = 1000 + u64::from((shard + 1) % 4);
+                    if let Some(text) = cache.guild_create(other) {
+                        serde_json::from_str::<Value>(&text).expect("consistent JSON");
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("no panic");
+    }
+    for shard in 0..4u32 {
+        let state: Value =
+            serde_json::from_str(&cache.guild_create(1000 + u64::from(shard)).unwrap()).unwrap();
+        assert_eq!(state["member_count"], json!(200));
+        assert_eq!(state["members"].as_array().unwrap().len(), 200);
+        assert_eq!(cache.shard_guilds(shard).len(), 1);
+    }
+}
