@@ -903,6 +903,25 @@ async fn drop_in_sessions_show_in_health() {
     gw.identify_ready(0, 1).await;
     sim.dispatch(0, "MESSAGE_CREATE", msg(1, "one"));
     assert_eq!(next_message(&mut gw).await["s"], 4);
+    // `shardwarden status` prints the drop-in table.
+    let socket = d.socket.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shardwarden"))
+            .arg("status")
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .expect("run shardwarden status")
+    })
+    .await
+    .expect("status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("rawtest#"))
+        .unwrap_or_else(|| panic!("no drop-in row in:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..], ["0", "connected", "4", "0"], "{row}");
     let stream = tokio::net::UnixStream::connect(&d.socket)
         .await
         .expect("bot socket");
