@@ -89,14 +89,21 @@ impl Session {
         if self.mask.1 & (1u128 << entry.event) == 0 {
             return false;
         }
-        if names.get(entry.event as usize).map(String::as_str) == Some("GUILD_MEMBERS_CHUNK") {
-            // With a nonce, the chunk belongs to whoever asked (facts §9.1).
-            let nonce = super::line_parts(&entry.line).and_then(|(_, d)| chunk_nonce(d));
-            if let Some(nonce) = nonce {
-                return self.asked(&nonce);
+        let answer_nonce = match names.get(entry.event as usize).map(String::as_str) {
+            // With a nonce, the chunk belongs to whoever asked (facts §9.1),
+            // and so does a RATE_LIMITED answer to that op 8 (facts §5.6).
+            Some("GUILD_MEMBERS_CHUNK") => {
+                super::line_parts(&entry.line).and_then(|(_, d)| chunk_nonce(d))
             }
+            Some("RATE_LIMITED") => {
+                super::line_parts(&entry.line).and_then(|(_, d)| rate_limited_nonce(d))
+            }
+            _ => None,
+        };
+        match answer_nonce {
+            Some(nonce) => self.asked(&nonce),
+            None => true,
         }
-        true
     }
 }
 
@@ -123,6 +130,18 @@ fn chunk_nonce(d: &[u8]) -> Option<String> {
         nonce: Option<String>,
     }
     serde_json::from_slice::<Chunk>(d).ok()?.nonce
+}
+
+fn rate_limited_nonce(d: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        nonce: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RateLimited {
+        meta: Option<Meta>,
+    }
+    serde_json::from_slice::<RateLimited>(d).ok()?.meta?.nonce
 }
 
 /// One row of `health`'s `dropin` array and of `status`.
@@ -265,11 +284,12 @@ mod tests {
             "PRESENCE_UPDATE",
             "INTERACTION_CREATE",
             "GUILD_MEMBERS_CHUNK",
+            "RATE_LIMITED",
         ]));
         let guilds_and_messages = 1 | 1 << 9;
         let mask = event_mask(table.all_names(), guilds_and_messages);
         assert_eq!(
-            mask, 0b110110,
+            mask, 0b1110110,
             "READY never, PRESENCE_UPDATE not without its intent"
         );
         let log = EventLog::new(1, 1 << 20);
@@ -277,6 +297,22 @@ mod tests {
         log.append(0, 2, 1, 5, "GUILD_MEMBERS_CHUNK", br#"{"nonce":"theirs"}"#);
         log.append(0, 3, 1, 5, "GUILD_MEMBERS_CHUNK", br#"{"guild_id":"1"}"#);
         log.append(1, 1, 1, 2, "MESSAGE_CREATE", b"{}");
+        log.append(
+            0,
+            4,
+            1,
+            6,
+            "RATE_LIMITED",
+            br#"{"opcode":8,"retry_after":1.5,"meta":{"guild_id":"1","nonce":"mine"}}"#,
+        );
+        log.append(
+            0,
+            5,
+            1,
+            6,
+            "RATE_LIMITED",
+            br#"{"opcode":8,"retry_after":1.5,"meta":{"guild_id":"1","nonce":"theirs"}}"#,
+        );
         let sessions = Sessions::default();
         let session = sessions.create(1, "test".into(), 0, guilds_and_messages, 0, 1);
         let mut session = lock(&session);
@@ -290,8 +326,8 @@ mod tests {
             .collect();
         assert_eq!(
             accepted,
-            vec![1, 3],
-            "own nonce and no nonce; other shard never"
+            vec![1, 3, 5],
+            "own nonce and no nonce; other shard never; RATE_LIMITED by meta.nonce"
         );
     }
 
