@@ -1351,3 +1351,52 @@ async fn a_restarted_daemon_identifies_to_refill_the_cache() {
         creates += usize::from(v["t"] == "GUILD_CREATE");
     }
 }
+
+#[test]
+fn check_config_prints_the_front_door_and_refuses_a_public_listen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |listen: &str, events: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[discord]\ntoken_env = \"SW_UNUSED\"\nintents = [\"GUILDS\", \"GUILD_MESSAGES\"]\nevents = {events}\n[proxy]\nlisten = \"{listen}\"\n"
+            ),
+        )
+        .expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardwarden"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run check-config");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, text) = run("127.0.0.1:7878", r#"["*"]"#);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(
+            "proxy       http://127.0.0.1:7878 and ws://127.0.0.1:7878 (HELLO heartbeat 41250 ms"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("[proxy] is on but"), "{text}");
+    let (code, text) = run("127.0.0.1:7878", r#"["MESSAGE_CREATE"]"#);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("warning: [proxy] is on but [discord] events lists 1 event(s)"),
+        "{text}"
+    );
+    let (code, text) = run("0.0.0.0:7878", r#"["*"]"#);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("[proxy] listen = \"0.0.0.0:7878\"") && text.contains("DESIGN.md §4"),
+        "{text}"
+    );
+}
