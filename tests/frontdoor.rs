@@ -71,10 +71,10 @@ async fn simulator(shards: u32) -> Simulator {
 
 /// The daemon with `[proxy]` on, every event, `shards` shards; REST goes to
 /// `api_base` (the simulator's unless a test brings its own upstream).
-async fn daemon(sim: &Simulator, api_base: &str, proxy_extra: &str, ring: &str) -> Daemon {
+async fn daemon(sim: &Simulator, api_base: &str, health_extra: &str, ring: &str) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let daemon = daemon_in(dir, port, sim, api_base, proxy_extra, ring);
+    let daemon = daemon_in(dir, port, sim, api_base, health_extra, ring);
     let shards = sim.config().shards as usize;
     assert!(
         sim.wait_until(|s| s.sessions().len() >= shards, WAIT).await,
@@ -89,7 +89,7 @@ fn daemon_in(
     port: u16,
     sim: &Simulator,
     api_base: &str,
-    proxy_extra: &str,
+    health_extra: &str,
     ring: &str,
 ) -> Daemon {
     let text = format!(
@@ -110,6 +110,7 @@ replay_buffer = "{ring}"
 
 [health]
 log_interval = "1s"
+{health_extra}
 
 [state]
 dir = "{dir}/state"
@@ -117,7 +118,6 @@ dir = "{dir}/state"
 [proxy]
 listen = "127.0.0.1:{port}"
 heartbeat_interval = "1s"
-{proxy_extra}
 "#,
         shards = sim.config().shards,
         dir = dir.path().display(),
@@ -1399,4 +1399,44 @@ fn check_config_prints_the_front_door_and_refuses_a_public_listen() {
         text.contains("[proxy] listen = \"0.0.0.0:7878\"") && text.contains("DESIGN.md §4"),
         "{text}"
     );
+}
+
+/// The only test in this process that installs the metrics exporter (it is
+/// process-wide).
+#[tokio::test]
+async fn metrics_count_drop_in_sessions_and_the_cache() {
+    let sim = simulator(1).await;
+    let port = free_port();
+    let d = daemon(
+        &sim,
+        &sim.api_base(),
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        "16MiB",
+    )
+    .await;
+    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
+    gw.identify_ready(0, 1).await;
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut text = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gw.send(json!({"op": 1, "d": null})).await;
+        if let Ok(mut stream) = TcpStream::connect(metrics).await {
+            let _ = stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            text.clear();
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes).await;
+            text = String::from_utf8_lossy(&bytes).to_string();
+            if text.contains("shardwarden_dropin_sessions{state=\"connected\"} 1") {
+                break;
+            }
+        }
+    }
+    assert!(
+        text.contains("shardwarden_dropin_sessions{state=\"connected\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("shardwarden_cache_guilds 2"), "{text}");
 }
