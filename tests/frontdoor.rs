@@ -308,7 +308,7 @@ async fn identify_ready_guild_creates_and_live_events_with_own_seq() {
     let session_id = ready["session_id"].as_str().expect("session id");
     assert_eq!(session_id.len(), 32);
     assert!(session_id.bytes().all(|b| b.is_ascii_hexdigit()));
-    assert_eq!(ready["resume_gateway_url"], format!("ws://{}", d.addr));
+    assert_eq!(ready["resume_gateway_url"], format!("ws://{}/", d.addr));
     assert_eq!(ready["shard"], json!([1, 2]));
     assert_eq!(ready["v"], 10);
     assert!(ready["user"]["id"].is_string(), "{ready}");
@@ -379,15 +379,17 @@ async fn resume_replays_every_missed_event_once_in_order_then_resumed() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The library only finished with s = last - 1: it gets that one again.
-    let url = format!("{resume_url}/?v=10&encoding=json&compress=zlib-stream");
-    let addr: SocketAddr = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .expect("authority")
-        .parse()
-        .expect("resume_gateway_url names the front door");
-    let mut gw = Gw::hello(addr, "v=10&encoding=json&compress=zlib-stream").await;
+    // Libraries append the query to resume_gateway_url literally (no path).
+    let url = format!("{resume_url}?v=10&encoding=json&compress=zlib-stream");
+    assert!(url.starts_with(&format!("ws://{}/?v=10", d.addr)), "{url}");
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("resume_gateway_url with the query appended works");
+    let mut gw = Gw {
+        ws,
+        inflater: Inflater::new(Compression::ZlibStream).expect("inflater"),
+    };
+    assert_eq!(gw.recv().await["op"], 10);
     gw.send(json!({"op": 6, "d": {"token": TOKEN, "session_id": session_id, "seq": last - 1}}))
         .await;
     let mut ids = Vec::new();
@@ -735,7 +737,7 @@ async fn gateway_bot_is_answered_locally_and_checks_the_token() {
     .await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(v["url"], format!("ws://{}", d.addr));
+    assert_eq!(v["url"], format!("ws://{}/", d.addr));
     assert_eq!(v["shards"], 2);
     assert!(v["session_start_limit"]["remaining"].as_u64() >= Some(1000));
     assert!(v["session_start_limit"]["max_concurrency"].as_u64() >= Some(2));
@@ -747,7 +749,7 @@ async fn gateway_bot_is_answered_locally_and_checks_the_token() {
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<Value>(&body).expect("json")["url"],
-        format!("ws://{}", d.addr)
+        format!("ws://{}/", d.addr)
     );
     assert_eq!(
         sim.rest_requests(),

@@ -500,7 +500,8 @@ where
         ready.insert("session_id".into(), Value::String(session_id));
         ready.insert(
             "resume_gateway_url".into(),
-            Value::String(format!("ws://{}", ctx.listen)),
+            // Trailing slash: see `server::gateway_info`.
+            Value::String(format!("ws://{}/", ctx.listen)),
         );
         ready.insert(
             "guilds".into(),

@@ -290,7 +290,10 @@ fn gateway_info(req: &Request<Incoming>, ctx: &Ctx, bot: bool) -> Response<Body>
         tracing::info!(event = %"frontdoor_unauthorized", path = %req.uri().path(), "refused a gateway info request with a missing or wrong bot token (401)");
         return json_error(StatusCode::UNAUTHORIZED, "401: Unauthorized");
     }
-    let url = format!("ws://{}", ctx.listen);
+    // With a trailing slash: libraries append `?v=10…` literally, and a
+    // request line of `GET ?v=10` (no path) is not valid HTTP; `/?v=10` is,
+    // and so is twilight's `//?v=10`.
+    let url = format!("ws://{}/", ctx.listen);
     let body = if bot {
         let total = ctx.hub.shard_total.max(1);
         serde_json::json!({
