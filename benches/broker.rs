@@ -115,7 +115,13 @@ async fn run(n: u32, nats_port: Option<u16>) -> Run {
         format!("[broker]\nnats = \"nats://127.0.0.1:{port}\"\nstream = \"{stream}\"\n")
     });
     let sim = simulator(1, |_| {}).await;
-    let daemon = Daemon::start_extra(&sim, "256MiB", "zlib-stream", &extra);
+    let daemon = Daemon::start_full(
+        &sim,
+        "256MiB",
+        "zlib-stream",
+        r#"["READY", "GUILD_CREATE", "MESSAGE_CREATE"]"#,
+        &extra,
+    );
     let socket = daemon.socket.clone();
     let bot = tokio::task::spawn_blocking(move || Bot::connect(&socket, "null"));
     tokio::time::sleep(Duration::from_secs(1)).await;

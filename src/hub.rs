@@ -189,6 +189,9 @@ pub struct ShardStats {
     /// The latest `session` line about this shard, replayed to diagnostics
     /// bots when they connect so they know each shard's state at once.
     last_report: Mutex<Option<Bytes>>,
+    /// `d` of the session's READY as Discord sent it: the front door builds
+    /// each drop-in client's READY from it (DESIGN.md §5).
+    ready: Mutex<Option<Bytes>>,
 }
 
 /// The session a shard holds.
@@ -232,7 +235,18 @@ impl ShardStats {
             session_ids: Mutex::new(std::collections::VecDeque::new()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
             last_report: Mutex::new(None),
+            ready: Mutex::new(None),
         }
+    }
+
+    /// Keep the raw `d` of this shard's READY (once per session).
+    pub fn set_ready(&self, d: &[u8]) {
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(Bytes::copy_from_slice(d));
+    }
+
+    /// The raw `d` of this shard's latest READY, if one arrived.
+    pub fn ready(&self) -> Option<Bytes> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The latest session line about this shard.
@@ -417,6 +431,9 @@ pub struct Hub {
     /// How often diagnostics bots get `health` (ms; 0 = the bot server's
     /// configured default). Changed by a SIGHUP reload.
     health_interval_ms: AtomicU64,
+    /// The drop-in front door's state cache and sessions, when `[proxy]` is
+    /// set (shards feed the cache; `health` lists the sessions).
+    pub frontdoor: std::sync::OnceLock<Arc<crate::frontdoor::Shared>>,
     /// The suspected Discord-side incident in progress, if any.
     incident: Mutex<Option<IncidentReport>>,
     /// Why the daemon is about to close bot sockets (`closing` reason and
@@ -460,6 +477,7 @@ impl Hub {
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             health_interval_ms: AtomicU64::new(0),
+            frontdoor: std::sync::OnceLock::new(),
             incident: Mutex::new(None),
             closing: Mutex::new(None),
             incidents: AtomicU64::new(0),
@@ -610,6 +628,7 @@ impl Hub {
             ring_bytes,
             ring_events,
             bot_clients: self.bot_clients.load(Ordering::Relaxed),
+            dropin: self.frontdoor.get().map(|f| f.sessions.health()),
             clients: self.consumers.view(head),
             unforwarded: self.unforwarded.load(Ordering::Relaxed),
             broker: self.broker.view(head),
@@ -650,6 +669,9 @@ struct HealthMessage {
     ring_bytes: usize,
     ring_events: usize,
     bot_clients: u32,
+    /// Drop-in front door sessions (only when `[proxy]` is on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropin: Option<Vec<crate::frontdoor::DropinHealth>>,
     /// Each bot client's ack and lag (DESIGN §3.3).
     clients: Vec<crate::consumers::ConsumerView>,
     /// Events not forwarded because the state directory could not be written.

@@ -26,6 +26,11 @@
 //!   [`status`] is `shardwarden status`.
 //! - **Beyond one machine**: [`cluster`] (DESIGN §4): the JetStream sink and
 //!   the commands remote workers send over NATS.
+//! - **Front door**: [`frontdoor`] lets unmodified bot libraries connect as
+//!   if shardwarden were Discord (DESIGN.md §5, §6): HTTP and WebSocket on
+//!   one loopback port; its [`frontdoor::cache`] follows guild state from
+//!   the dispatch stream to rebuild READY's guilds and GUILD_CREATE, and
+//!   each client session reads the event log like a socket bot.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
 //!   depends on it.
@@ -40,6 +45,7 @@ pub mod consumers;
 pub mod demo;
 pub mod envelope;
 pub mod event_log;
+pub mod frontdoor;
 pub mod gateway;
 pub mod heartbeat;
 pub mod hub;

@@ -50,12 +50,14 @@ pub struct Restored {
 
 impl Restored {
     /// Decide what to resume from `saved`, for a daemon of `total` shards
-    /// owning `owned`, resuming sessions no older than `window`.
+    /// owning `owned`, resuming sessions no older than `window`; with
+    /// `front_door` on, nothing is resumed (see below).
     pub fn from_saved(
         saved: Option<SavedState>,
         total: u32,
         owned: &[u32],
         window: Duration,
+        front_door: bool,
     ) -> Restored {
         let Some(saved) = saved else {
             return Restored {
@@ -80,6 +82,14 @@ impl Restored {
                 age_s = age.as_secs(),
                 window_s = window.as_secs(),
                 "persisted sessions are too old to resume ([state] resume_window); identifying"
+            );
+        } else if front_door && !saved.sessions.is_empty() {
+            // The front door rebuilds READY and GUILD_CREATE from what the
+            // shards receive after READY; a resumed session replays neither.
+            tracing::warn!(
+                event = %"state_ignored",
+                sessions = saved.sessions.len(),
+                "[proxy] is on: identifying instead of resuming the saved sessions, because the drop-in state cache is filled only by READY and GUILD_CREATE (one identify per shard per daemon start)"
             );
         } else {
             for session in &saved.sessions {
@@ -384,6 +394,7 @@ mod tests {
             2,
             &[0, 1],
             Duration::from_secs(120),
+            false,
         );
         assert_eq!(r.first_cursor, 1_000_040);
         assert_eq!(r.resumes.len(), 2);
@@ -397,18 +408,19 @@ mod tests {
             4,
             &[0, 1],
             Duration::from_secs(120),
+            false,
         );
         assert!(r.resumes.is_empty(), "other shard total");
         assert_eq!(r.not_missed, vec![(41, 1_000_039)]);
         let mut old = saved(1_000_040, 40, 30, 2);
         old.saved_at_ms -= 121_000;
-        let r = Restored::from_saved(Some(old), 2, &[0, 1], Duration::from_secs(120));
+        let r = Restored::from_saved(Some(old), 2, &[0, 1], Duration::from_secs(120), false);
         assert!(r.resumes.is_empty(), "too old");
     }
 
     #[test]
     fn a_fresh_start_begins_at_cursor_1() {
-        let r = Restored::from_saved(None, 2, &[0, 1], Duration::from_secs(120));
+        let r = Restored::from_saved(None, 2, &[0, 1], Duration::from_secs(120), false);
         assert_eq!((r.first_cursor, r.resumes.len()), (1, 0));
         assert!(r.not_missed.is_empty());
     }

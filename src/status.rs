@@ -162,7 +162,37 @@ fn table(health: &Value) -> String {
     }
     write_clients(&mut out, health);
     write_extras(&mut out, health);
+    write_dropin(&mut out, health);
     out
+}
+
+/// The drop-in front door's client sessions (when `[proxy]` is on).
+fn write_dropin(out: &mut String, health: &Value) {
+    use std::fmt::Write;
+    let Some(dropin) = health["dropin"].as_array() else {
+        return;
+    };
+    let _ = writeln!(out);
+    if dropin.is_empty() {
+        let _ = writeln!(out, "drop-in front door: no client sessions");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+        "drop-in client", "shard", "state", "seq", "resumes"
+    );
+    for c in dropin {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+            c["client"].as_str().unwrap_or(NONE),
+            c["shard"],
+            c["state"].as_str().unwrap_or(NONE),
+            c["seq"],
+            c["resumes"],
+        );
+    }
 }
 
 /// Each bot client's ack and lag (the slowest acking one sets the resume

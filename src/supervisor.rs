@@ -186,10 +186,15 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     );
 
     // Persisted sessions: fresh ones are resumed, stale ones dropped.
-    let restored = Restored::from_saved(saved, total, &owned, config.state.resume_window);
+    let restored = Restored::from_saved(
+        saved,
+        total,
+        &owned,
+        config.state.resume_window,
+        config.proxy.is_some(),
+    );
     let first_cursor = restored.first_cursor;
     let mut resumes = restored.resumes.clone();
-
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
     for &shard in &owned {
@@ -279,6 +284,24 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ))
     })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
+    // The drop-in front door (DESIGN.md §5) starts before the shards so its
+    // state cache sees every READY and GUILD_CREATE.
+    if let Some(proxy) = &config.proxy {
+        if !config.discord.events.iter().any(|e| e == "*") {
+            tracing::warn!(event = %"config_warning", "[proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live (READY and GUILD_CREATE are rebuilt regardless); use events = [\"*\"] so libraries see everything their intents cover", plan.events.len());
+        }
+        let door = crate::frontdoor::FrontDoor::bind(
+            proxy,
+            &api_base,
+            token.clone(),
+            plan.bits,
+            hub.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(DaemonError::config)?;
+        tokio::spawn(door.run());
+    }
     let mut broker = match config.broker.clone() {
         Some(cfg) => {
             tracing::info!(nats = %cfg.nats, stream = %cfg.stream, "JetStream sink on");
@@ -662,11 +685,28 @@ fn log_summary(hub: &Hub) {
         ring_events,
         evicted,
         bots = hub.bot_clients.load(Ordering::Relaxed),
+        dropin = hub.frontdoor.get().map(|f| f.sessions.counts().0),
         identify_remaining = budget.remaining,
         identify_total = budget.total,
         "{active}/{} shards active",
         hub.shards.len()
     );
+    if let Some(front) = hub.frontdoor.get() {
+        for row in front.sessions.health() {
+            tracing::info!(
+                event = %"dropin_session",
+                client = %row.client,
+                shard = row.shard,
+                state = row.state,
+                seq = row.seq,
+                resumes = row.resumes,
+                "drop-in {} on shard {} is {}",
+                row.client,
+                row.shard,
+                row.state
+            );
+        }
+    }
     for s in hub
         .shards
         .iter()

@@ -126,6 +126,10 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let unforwarded = counter!("shardwarden_unforwarded_events_total");
     let incident = gauge!("shardwarden_discord_incident");
     let incidents = counter!("shardwarden_discord_incidents_total");
+    let dropin_connected = gauge!("shardwarden_dropin_sessions", "state" => "connected");
+    let dropin_detached = gauge!("shardwarden_dropin_sessions", "state" => "detached");
+    let cache_guilds = gauge!("shardwarden_cache_guilds");
+    let cache_bytes = gauge!("shardwarden_cache_bytes");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -161,5 +165,13 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
         }
         incident.set(if hub.incident().is_some() { 1.0 } else { 0.0 });
         incidents.absolute(hub.incidents.load(Ordering::Relaxed));
+        if let Some(front) = hub.frontdoor.get() {
+            let (connected, detached) = front.sessions.counts();
+            dropin_connected.set(connected as f64);
+            dropin_detached.set(detached as f64);
+            let cache = front.cache.stats();
+            cache_guilds.set(cache.guilds as f64);
+            cache_bytes.set(cache.bytes as f64);
+        }
     }
 }
