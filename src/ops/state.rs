@@ -158,7 +158,7 @@ impl SavedState {
 }
 
 /// Add the inclusive range `(from, to)` to sorted, merged `ranges`, keeping
-/// at most [`MAX_NOT_MISSED`] (the oldest go first).
+/// at most 64 (the oldest go first).
 pub fn add_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
     if from > to {
         return;

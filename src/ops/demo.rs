@@ -17,7 +17,7 @@ use crate::simulator::{Fault, SimConfig, Simulator, message_create_payload_seede
 use crate::supervisor::{self, DaemonOptions};
 
 /// The demo's configuration (also shipped as `config/demo.toml`).
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 /// Where a demo run keeps its socket and state.
 struct RunDir {
