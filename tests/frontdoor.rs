@@ -1297,41 +1297,14 @@ async fn a_guild_in_an_outage_gets_guild_delete_unavailable_in_the_burst() {
     );
 }
 
-/// With [proxy] on, a restarted daemon identifies (its in-memory cache and
-/// READY are gone, and a resumed session would replay neither), and clients
-/// get a full READY and GUILD_CREATEs again.
-#[tokio::test]
-async fn a_restarted_daemon_identifies_to_refill_the_cache() {
-    let sim = simulator(1).await;
-    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
-    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
-    gw.identify_ready(0, 1).await;
-    drop(gw);
-    let port = d.addr.port();
-    let dir = d.stop().await;
-    assert!(
-        dir.path()
-            .join("state")
-            .read_dir()
-            .expect("state dir")
-            .count()
-            > 0,
-        "sessions were saved"
-    );
-    let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
-    assert!(
-        sim.wait_until(|s| upstream_identifies(s) == 2, WAIT).await,
-        "the restarted daemon identified"
-    );
-    assert_eq!(
-        sim.frames().iter().filter(|f| f.op == 6).count(),
-        0,
-        "and did not resume the saved session"
-    );
+/// A front-door client of the daemon at `addr` that may still be starting:
+/// connected (retrying), HELLO read.
+async fn hello_when_up(addr: SocketAddr) -> Gw {
+    let deadline = tokio::time::Instant::now() + WAIT;
     let mut gw = loop {
         if let Ok(Ok((ws, _))) = tokio::time::timeout(
             Duration::from_millis(500),
-            tokio_tungstenite::connect_async(format!("ws://{}/?v=10&encoding=json", d.addr)),
+            tokio_tungstenite::connect_async(format!("ws://{addr}/?v=10&encoding=json")),
         )
         .await
         {
@@ -1340,18 +1313,80 @@ async fn a_restarted_daemon_identifies_to_refill_the_cache() {
                 inflater: Inflater::new(Compression::None).expect("inflater"),
             };
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "front door never came up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(gw.recv().await["op"], 10);
+    gw
+}
+
+/// READY lists both guilds and a GUILD_CREATE follows for each, with its
+/// channels.
+async fn full_ready(gw: &mut Gw) {
     let (ready, _) = gw.identify_waiting(0, 1).await;
     assert_eq!(ready["t"], "READY");
     let guilds = ready["d"]["guilds"].as_array().map_or(0, Vec::len);
-    assert_eq!(guilds, 2, "READY lists the shard's guilds again");
+    assert_eq!(guilds, 2, "READY lists the shard's guilds: {ready}");
     let mut creates = 0;
     while creates < guilds {
         let v = gw.recv().await;
-        creates += usize::from(v["t"] == "GUILD_CREATE");
+        if v["t"] == "GUILD_CREATE" {
+            creates += 1;
+            assert!(
+                v["d"]["channels"].as_array().is_some_and(|c| !c.is_empty()),
+                "{v}"
+            );
+        }
     }
+}
+
+/// With [proxy] on, a clean restart resumes (the cache is saved at the stop
+/// and restored at the start) and clients get a full READY and GUILD_CREATEs
+/// again; after a crash (no cache saved) the shards identify to refill it.
+#[tokio::test]
+async fn a_clean_restart_resumes_with_the_cache_and_a_crash_identifies_to_refill_it() {
+    let sim = simulator(1).await;
+    let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
+    gw.identify_ready(0, 1).await;
+    drop(gw);
+    let port = d.addr.port();
+    let dir = d.stop().await;
+    assert!(
+        dir.path().join("state/frontdoor-cache.ndjson.zst").exists(),
+        "the cache was saved at the clean stop"
+    );
+    let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
+    assert!(
+        sim.wait_until(|s| s.frames().iter().any(|f| f.op == 6), WAIT)
+            .await,
+        "the restarted daemon resumed"
+    );
+    let mut gw = hello_when_up(d.addr).await;
+    full_ready(&mut gw).await;
+    assert_eq!(
+        upstream_identifies(&sim),
+        1,
+        "a clean restart costs no IDENTIFY"
+    );
+    drop(gw);
+
+    // A crash: the task is dropped, nothing is saved at the end.
+    let mut d = d;
+    d.task.take().expect("running").abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = d.dir.take().expect("dir");
+    drop(d);
+    let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
+    assert!(
+        sim.wait_until(|s| upstream_identifies(s) == 2, WAIT).await,
+        "without a saved cache the shard identifies to refill it"
+    );
+    let mut gw = hello_when_up(d.addr).await;
+    full_ready(&mut gw).await;
 }
 
 #[test]

@@ -336,7 +336,7 @@ impl StateStore {
 
 /// Run blocking file I/O on a plain thread (not tokio's blocking pool, whose
 /// threads the runtime waits for at exit) and give up after `timeout`.
-async fn off_thread<T: Send + 'static>(
+pub(crate) async fn off_thread<T: Send + 'static>(
     timeout: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {

@@ -185,13 +185,41 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         "gateway plan"
     );
 
+    // With [proxy] on, the front door's cache from a clean stop (read once,
+    // then deleted).
+    let snapshot_file = crate::frontdoor::snapshot::path(&config.state.dir);
+    let snapshot = match &config.proxy {
+        None => None,
+        Some(_) => {
+            let file = snapshot_file.clone();
+            match crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
+                crate::frontdoor::snapshot::take(&file)
+            })
+            .await
+            {
+                Some(Ok(snapshot)) => snapshot,
+                Some(Err(e)) => {
+                    tracing::warn!(event = %"state_ignored", "front door cache: {e}; shards identify to refill it");
+                    None
+                }
+                None => {
+                    tracing::warn!(event = %"state_ignored", "front door cache: reading it timed out; shards identify to refill it");
+                    None
+                }
+            }
+        }
+    };
     // Persisted sessions: fresh ones are resumed, stale ones dropped.
+    let no_cache = std::collections::BTreeMap::new();
     let restored = Restored::from_saved(
         saved,
         total,
         &owned,
         config.state.resume_window,
-        config.proxy.is_some(),
+        config
+            .proxy
+            .as_ref()
+            .map(|_| snapshot.as_ref().map_or(&no_cache, |s| &s.sessions)),
     );
     let first_cursor = restored.first_cursor;
     let mut resumes = restored.resumes.clone();
@@ -301,6 +329,15 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         .await
         .map_err(DaemonError::config)?;
         tokio::spawn(door.run());
+        if let Some(snapshot) = &snapshot {
+            let resumed: std::collections::HashSet<u32> = resumes.keys().copied().collect();
+            let applied = snapshot.restore(&hub, &resumed);
+            tracing::info!(
+                shards = resumed.len(),
+                events = applied,
+                "front door cache restored from the last clean stop; those shards resume"
+            );
+        }
     }
     let mut broker = match config.broker.clone() {
         Some(cfg) => {
@@ -473,6 +510,30 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             _ => None,
         })
         .collect();
+    if config.proxy.is_some() {
+        // The front door's cache, so the next start can resume these
+        // sessions (a resumed session replays no READY or GUILD_CREATE).
+        let ids: std::collections::BTreeMap<u32, String> = sessions
+            .iter()
+            .map(|(shard, resume)| (*shard, resume.session_id.clone()))
+            .collect();
+        let (hub, file) = (hub.clone(), snapshot_file.clone());
+        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
+            crate::frontdoor::snapshot::save(&hub, &ids, &file)
+        })
+        .await;
+        match saved {
+            Some(Ok(())) => {
+                tracing::info!(path = %snapshot_file.display(), "front door cache saved for the next start")
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot save the front door cache: the next start identifies its shards")
+            }
+            None => tracing::warn!(
+                "saving the front door cache timed out: the next start identifies its shards"
+            ),
+        }
+    }
     match persister.finish(sessions).await {
         Ok(state) => {
             tracing::info!(
