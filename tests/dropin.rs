@@ -241,7 +241,8 @@ async fn real_libraries_through_the_front_door() {
     assert_eq!(
         identified.len(),
         2,
-        "client identifies cost nothing upstream"
+        "client identifies cost nothing upstream; log:\n{}",
+        fd.daemon.log()
     );
     // The libraries' REST calls (not the daemon's own): discord.py logs in with these
     // two, forwarded; discord.js's /gateway/bot is answered by the front door itself.
@@ -513,4 +514,113 @@ async fn real_libraries_through_the_front_door() {
     assert_eq!(fd.upstream(6), 0);
     py.exit().await;
     js.exit().await;
+}
+
+/// Runs `bot` until it exits by itself; it must exit with status 2 after reporting
+/// `want` (an `error` or `disconnect` event matching it). Returns its events.
+async fn refused(mut bot: Bot, what: &str, want: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let status = bot.until_exit(READY_TIMEOUT).await;
+    let lib = bot.lib;
+    let seen = std::mem::take(&mut bot.seen);
+    let shown: Vec<String> = seen.iter().map(Value::to_string).collect();
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{lib:?}: {what}: exit status {status}; events:\n{}",
+        shown.join("\n")
+    );
+    assert!(
+        seen.iter().any(&want),
+        "{lib:?}: {what}: not reported; events:\n{}",
+        shown.join("\n")
+    );
+    assert!(
+        !seen.iter().any(|e| e["event"] == "ready"),
+        "{lib:?}: {what}: must not reach ready; events:\n{}",
+        shown.join("\n")
+    );
+    seen
+}
+
+fn close_code_is(code: u16) -> impl Fn(&Value) -> bool {
+    move |e| (e["event"] == "error" || e["event"] == "disconnect") && e["close_code"] == code
+}
+
+/// 7. What each library reports for its mistakes. A wrong token is refused at REST before
+/// any gateway connection (discord.py's `GET /users/@me`, forwarded: 401; discord.js's
+/// `GET /gateway/bot`, answered by the front door: 401), so neither library ever sees the
+/// gateway's 4004; the front door's 4004 for an IDENTIFY with a wrong token is covered with
+/// a raw client by tests/frontdoor.rs (`client_mistakes_get_discords_close_codes`), as are
+/// the other close codes. Here the libraries get 4010 for a shard the daemon does not own
+/// and 4013/4014 for intents it does not hold, and stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_libraries_get_discords_refusals() {
+    if both_libraries().is_none() {
+        return;
+    }
+    let (fd, partial) = tokio::join!(FrontDoor::start(None), FrontDoor::start(Some("0..1")));
+    let identifies = (fd.upstream(2), partial.upstream(2));
+    assert_eq!(identifies, (2, 1), "the daemons' own IDENTIFYs");
+
+    let voice_states = (BOT_INTENTS | 1 << 7).to_string();
+    let presences = (BOT_INTENTS | 1 << 8).to_string();
+    let wrong_token = |lib| {
+        let mut target = fd.target();
+        target.token = "not-the-daemons-token".to_string();
+        Bot::spawn(
+            bot_or_skip(lib).expect("checked"),
+            lib,
+            &target,
+            &[0, 1],
+            &[],
+        )
+    };
+    let mut cases = Vec::new();
+    for lib in [Lib::DiscordPy, Lib::DiscordJs] {
+        let py = lib == Lib::DiscordPy;
+        let token_refused = move |e: &Value| {
+            e["event"] == "error"
+                && e["where"] == "login"
+                && (e["status"] == 401 || (!py && e["code"] == "TokenInvalid"))
+        };
+        cases.push(tokio::spawn(refused(
+            wrong_token(lib),
+            "wrong token",
+            token_refused,
+        )));
+        cases.push(tokio::spawn(refused(
+            partial.spawn(lib, &[1], &[]),
+            "a shard the daemon does not own",
+            close_code_is(4010),
+        )));
+        cases.push(tokio::spawn(refused(
+            fd.spawn(lib, &[0, 1], &[("SW_INTENTS", &voice_states)]),
+            "GUILD_VOICE_STATES, which the daemon does not hold",
+            close_code_is(4013),
+        )));
+        cases.push(tokio::spawn(refused(
+            fd.spawn(lib, &[0, 1], &[("SW_INTENTS", &presences)]),
+            "GUILD_PRESENCES (privileged), which the daemon does not hold",
+            close_code_is(4014),
+        )));
+    }
+    for case in cases {
+        if let Err(e) = case.await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    assert_eq!(
+        (fd.upstream(2), partial.upstream(2)),
+        identifies,
+        "nothing upstream for refused clients"
+    );
+    // The wrong token reached the simulator only with discord.py's forwarded login call.
+    let refused_calls: Vec<_> = fd
+        .sim
+        .rest_calls()
+        .into_iter()
+        .filter(|c| c.status == 401)
+        .map(|c| c.path)
+        .collect();
+    assert_eq!(refused_calls, vec!["/api/v10/users/@me".to_string()]);
 }
