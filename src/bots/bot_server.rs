@@ -566,7 +566,12 @@ impl<'a> ClientCount<'a> {
         if counted {
             hub.bot_clients.fetch_add(1, Ordering::Relaxed);
         }
-        let consumer = hub.consumers.connect(client, conn);
+        // `status` asking holds no ack and is not listed as a client.
+        let consumer = if counted {
+            hub.consumers.connect(client, conn)
+        } else {
+            String::new()
+        };
         ClientCount {
             hub,
             consumer,
@@ -579,8 +584,8 @@ impl Drop for ClientCount<'_> {
     fn drop(&mut self) {
         if self.counted {
             self.hub.bot_clients.fetch_sub(1, Ordering::Relaxed);
+            self.hub.consumers.disconnect(&self.consumer);
         }
-        self.hub.consumers.disconnect(&self.consumer);
     }
 }
 
