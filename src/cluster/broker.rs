@@ -220,7 +220,8 @@ async fn publish_events(
     let mut head = hub.log.subscribe_head();
     let mut stream_ready = false;
     let mut batch: Vec<Entry> = Vec::with_capacity(BATCH);
-    let mut pending: VecDeque<(u64, PublishAckFuture)> = VecDeque::with_capacity(BATCH);
+    // Each published event's acknowledgement; `None` for one skipped.
+    let mut pending: VecDeque<(u64, Option<PublishAckFuture>)> = VecDeque::with_capacity(BATCH);
     let names = || hub.events();
     loop {
         if *shutdown.borrow() {
@@ -287,7 +288,27 @@ async fn publish_events(
                 )
                 .await
             {
-                Ok(ack) => pending.push_back((entry.cursor, ack)),
+                Ok(ack) => pending.push_back((entry.cursor, Some(ack))),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded =>
+                {
+                    // Retrying can never help: skip it, loudly and counted,
+                    // instead of stalling every event behind it.
+                    hub.broker.missed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        event = %"broker_gap",
+                        from = entry.cursor,
+                        to = entry.cursor,
+                        missed = 1,
+                        shard = entry.shard,
+                        seq = entry.seq,
+                        t,
+                        bytes = entry.d().len(),
+                        "event larger than the NATS server's max_payload: not published (raise max_payload in nats-server's config)"
+                    );
+                    pending.push_back((entry.cursor, None));
+                }
                 Err(e) => {
                     failed = Some(e.to_string());
                     break;
@@ -298,6 +319,10 @@ async fn publish_events(
         let mut stored = position;
         let mut count = 0u64;
         while let Some((cursor, ack)) = pending.pop_front() {
+            let Some(ack) = ack else {
+                stored = cursor;
+                continue;
+            };
             match tokio::time::timeout(ACK_TIMEOUT, ack).await {
                 Ok(Ok(_)) => {
                     stored = cursor;

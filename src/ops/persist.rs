@@ -66,6 +66,13 @@ impl Restored {
                 ..Restored::default()
             };
         };
+        let all_resumed = |resumes: &HashMap<u32, ResumeState>| {
+            saved
+                .sessions
+                .iter()
+                .filter(|s| owned.contains(&s.shard))
+                .all(|s| resumes.contains_key(&s.shard))
+        };
         let first_cursor = saved.next_cursor.max(1);
         let age =
             Duration::from_millis(crate::clock::unix_millis().saturating_sub(saved.saved_at_ms));
@@ -113,7 +120,10 @@ impl Restored {
         // (the resumed sessions replay them under new cursors) or leased and
         // never used. Without a resume, the events after the point are
         // really gone; only the unused cursors after the head are not events.
-        let from = if resumes.is_empty() {
+        // Only when every saved session resumes is everything after the
+        // point redelivered; a shard left to identify loses its events after
+        // it, and those must be counted.
+        let from = if resumes.is_empty() || !all_resumed(&resumes) {
             saved.head
         } else {
             saved.resume_point
@@ -145,6 +155,9 @@ pub struct Persister {
     not_missed: Vec<(u64, u64)>,
     /// What was last written (to write only changes).
     last: Option<SavedState>,
+    /// Write at least this often while sessions are live, so a quiet
+    /// daemon's saved sessions never look older than they are.
+    refresh_every: Duration,
 }
 
 impl Persister {
@@ -164,7 +177,16 @@ impl Persister {
             total,
             not_missed,
             last: None,
+            refresh_every: Duration::from_secs(60),
         }
+    }
+
+    /// Rewrite an unchanged state at least every `every` (half of
+    /// `[state] resume_window`: a session saved by a quiet daemon must still
+    /// be young enough to resume after a crash).
+    pub fn refresh_every(mut self, every: Duration) -> Self {
+        self.refresh_every = every.max(Duration::from_secs(1));
+        self
     }
 
     /// The state file for now: `sessions` as given (a clean shutdown) or the
@@ -192,7 +214,13 @@ impl Persister {
         let mut state = SavedState::new(self.lease_wanted(), self.total, sessions);
         state.clean = clean;
         state.head = self.hub.log.head();
-        state.resume_point = point;
+        // Events a slow client had not acked that have left the ring are not
+        // redelivered (the resume seq comes from what the ring holds): they
+        // must count as missed, so the point never goes below the ring.
+        state.resume_point = match self.hub.log.oldest_held() {
+            Some(oldest) if point + 1 < oldest => oldest - 1,
+            _ => point,
+        };
         state.not_missed = self.not_missed.clone();
         state.clients = self.hub.consumers.durable();
         state.identify = self.queue.times();
@@ -254,10 +282,15 @@ impl Persister {
                 _ = shutdown.changed() => return self,
             }
             let state = self.snapshot(false, None);
-            if self
-                .last
-                .as_ref()
-                .is_some_and(|last| last.same_content(&state))
+            let fresh = self.last.as_ref().is_some_and(|last| {
+                crate::clock::unix_millis().saturating_sub(last.saved_at_ms)
+                    < self.refresh_every.as_millis() as u64
+            });
+            if fresh
+                && self
+                    .last
+                    .as_ref()
+                    .is_some_and(|last| last.same_content(&state))
             {
                 continue;
             }

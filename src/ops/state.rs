@@ -181,6 +181,10 @@ pub fn add_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
 #[derive(Debug, Clone)]
 pub struct StateStore {
     path: PathBuf,
+    /// Held for a whole write: a write that timed out but still runs
+    /// finishes (and renames) before the next one starts, so an older state
+    /// never lands over a newer one.
+    writing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl StateStore {
@@ -188,6 +192,7 @@ impl StateStore {
     pub fn new(dir: &Path) -> Self {
         StateStore {
             path: dir.join("state.json"),
+            writing: Default::default(),
         }
     }
 
@@ -223,6 +228,17 @@ impl StateStore {
         }
         let bytes = std::fs::read(&self.path)
             .map_err(|e| format!("cannot read state file {}: {e}", self.path.display()))?;
+        if let Ok(probe) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(version) = probe["version"].as_u64()
+            && version > u64::from(VERSION)
+        {
+            // Written by a newer shardwarden (a rollback?): its cursors and
+            // acks are real, so starting from nothing would reuse cursors.
+            return Err(format!(
+                "state file {} has version {version}, newer than this daemon reads ({VERSION}); run the newer shardwarden, or move the file away to start from nothing",
+                self.path.display()
+            ));
+        }
         let parsed = serde_json::from_slice::<SavedState>(&bytes)
             .map_err(|e| format!("is corrupt ({e})"))
             .and_then(|state| {
@@ -248,7 +264,7 @@ impl StateStore {
                 Ok((
                     None,
                     Some(format!(
-                        "state file {} {why}; {moved}. Sessions identify again; bots should reconnect with resume_from null",
+                        "state file {} {why}; {moved}. Sessions identify again, and cursors continue from a clock-derived floor so none a bot already holds is handed out again",
                         self.path.display()
                     )),
                 ))
@@ -274,6 +290,7 @@ impl StateStore {
     /// rename over the old one, fsync the directory. The temporary file is
     /// removed when any step fails.
     pub fn save(&self, state: &SavedState) -> std::io::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.dir();
         std::fs::create_dir_all(dir)?;
         // Unique per write, so two writers never rename each other's file.
@@ -412,6 +429,16 @@ mod tests {
         let state = state.expect("a state");
         assert_eq!((state.next_cursor, warning), (77, None));
         assert!(state.clients.is_empty());
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_not_discarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path());
+        std::fs::write(store.path(), br#"{"version":99,"next_cursor":5}"#).expect("write");
+        let err = store.load().expect_err("refused");
+        assert!(err.contains("newer"), "{err}");
+        assert!(store.path().exists(), "left where it is");
     }
 
     #[test]

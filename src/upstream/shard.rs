@@ -448,6 +448,8 @@ impl Shard {
                 Disconnect::Fatal { close_code, detail } => {
                     self.set_state(ShardState::Fatal);
                     self.session = None;
+                    // Never resumed by a later start either.
+                    self.set_session(SessionInfo::default());
                     self.report(
                         "fatal",
                         close_code,
@@ -902,7 +904,6 @@ impl Shard {
             op::DISPATCH => {
                 if let Some(s) = envelope.s {
                     self.seq = s;
-                    self.stats.seq.store(s, Ordering::Relaxed);
                 }
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
                 let t = envelope.t.as_deref().unwrap_or("");
@@ -965,6 +966,10 @@ impl Shard {
                         self.stats.unsubscribed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                // Only now that the event is in the log: a save that reads
+                // this seq finds the event in the ring (and resumes before it
+                // if it is not acknowledged).
+                self.stats.seq.store(self.seq, Ordering::Relaxed);
                 Ok(())
             }
             op::HEARTBEAT => {

@@ -118,10 +118,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         _ = recv_signal(&mut sigint) => return stopped_before_start("SIGINT"),
         _ = wait_true(&mut external) => return stopped_before_start("shutdown requested"),
     };
+    let mut state_lost = false;
     let saved = match loaded {
         Ok((saved, warning)) => {
             if let Some(warning) = warning {
                 tracing::warn!(event = %"state_ignored", "{warning}");
+                state_lost = true;
             }
             saved
         }
@@ -189,7 +191,16 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     // then deleted).
     let snapshot_file = crate::frontdoor::snapshot::path(&config.state.dir);
     let snapshot = match &config.proxy {
-        None => None,
+        None => {
+            // A snapshot from a run with [proxy] on is stale once a run
+            // without it has gone by: never restore it later.
+            let file = snapshot_file.clone();
+            crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
+                let _ = std::fs::remove_file(file);
+            })
+            .await;
+            None
+        }
         Some(_) => {
             let file = snapshot_file.clone();
             match crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
@@ -221,6 +232,16 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             .as_ref()
             .map(|_| snapshot.as_ref().map_or(&no_cache, |s| &s.sessions)),
     );
+    let mut restored = restored;
+    if state_lost {
+        // The lease in the lost file is unknown: continue from a floor no
+        // earlier life can have reached (microseconds since the epoch), so
+        // no cursor a bot holds is handed out again. What came before is
+        // unknown, not "missed".
+        let floor = crate::clock::unix_millis().saturating_mul(1000);
+        restored.first_cursor = restored.first_cursor.max(floor);
+        crate::state::add_range(&mut restored.not_missed, 1, restored.first_cursor - 1);
+    }
     let first_cursor = restored.first_cursor;
     let mut resumes = restored.resumes.clone();
     let mut commands = HashMap::new();
@@ -273,7 +294,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         queue.clone(),
         total,
         restored.not_missed.clone(),
-    );
+    )
+    .refresh_every(config.state.resume_window / 2);
     if let Err(e) = persister.lease(&restored).await {
         return Err(DaemonError::config(format!(
             "cannot write the state file {} ({e}). Refusing to start: cursors must be leased durably before any is handed out, or a crash could hand one out twice. Make [state] dir = {:?} writable (and not full) by the daemon's user",
