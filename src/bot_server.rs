@@ -35,7 +35,8 @@
 //!   included.
 //! - An `ack` beyond the cursor delivered so far is a `bad_request`; acks
 //!   only move forward (a lower one is ignored).
-//! - `hub.bot_clients` counts bots that completed the handshake.
+//! - `hub.bot_clients` counts bots that completed the handshake, except
+//!   `shardwarden status` (client `shardwarden-status`), which only asks.
 
 use std::fmt;
 use std::io;
@@ -554,19 +555,31 @@ struct ClientCount<'a> {
     hub: &'a Hub,
     /// The key this connection's acks go under.
     consumer: String,
+    /// Counted in `bot_clients` (`shardwarden status` asking is not a bot
+    /// connecting).
+    counted: bool,
 }
 
 impl<'a> ClientCount<'a> {
     fn add(hub: &'a Hub, client: &str, conn: u64) -> Self {
-        hub.bot_clients.fetch_add(1, Ordering::Relaxed);
+        let counted = client != protocol::STATUS_CLIENT;
+        if counted {
+            hub.bot_clients.fetch_add(1, Ordering::Relaxed);
+        }
         let consumer = hub.consumers.connect(client, conn);
-        ClientCount { hub, consumer }
+        ClientCount {
+            hub,
+            consumer,
+            counted,
+        }
     }
 }
 
 impl Drop for ClientCount<'_> {
     fn drop(&mut self) {
-        self.hub.bot_clients.fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            self.hub.bot_clients.fetch_sub(1, Ordering::Relaxed);
+        }
         self.hub.consumers.disconnect(&self.consumer);
     }
 }
@@ -620,12 +633,13 @@ async fn serve_bot(
     // Subscribe before the snapshot so no report falls between the two.
     let sessions = subscription.diagnostics.then(|| hub.sessions.subscribe());
     if subscription.diagnostics {
-        // Each shard's latest session report, so the bot knows where every
-        // shard stands without waiting for the next change.
+        // Each shard's latest session report (and an incident in progress),
+        // so the bot knows where things stand without waiting for a change.
         let snapshot: Vec<u8> = hub
             .shards
             .iter()
             .filter_map(|s| s.last_report())
+            .chain(hub.incident().map(|i| i.line()))
             .flat_map(|line| line.to_vec())
             .collect();
         if !snapshot.is_empty()
@@ -794,7 +808,7 @@ impl Delivery {
                     Written::Done(Ok(())) => self.committed(),
                     Written::DoneAtShutdown(Ok(())) => {
                         self.committed();
-                        return self.flush().await;
+                        return self.close_on_purpose().await;
                     }
                     Written::Done(Err(e)) | Written::DoneAtShutdown(Err(e)) => {
                         return end_of_write(e);
@@ -803,7 +817,7 @@ impl Delivery {
                 }
             }
             if *shutdown.borrow() || shutdown.has_changed().is_err() {
-                return self.flush().await;
+                return self.close_on_purpose().await;
             }
             if reader.is_finished() {
                 let read = reader.await;
@@ -816,7 +830,7 @@ impl Delivery {
             }
             tokio::select! {
                 biased;
-                () = wait_shutdown(shutdown) => return self.flush().await,
+                () = wait_shutdown(shutdown) => return self.close_on_purpose().await,
                 read = &mut *reader => return self.reader_ended(read).await,
                 answer = self.answers.recv() => if let Some(answer) = answer {
                     self.out.extend_from_slice(&answer);
@@ -944,8 +958,21 @@ impl Delivery {
         }
     }
 
+    /// The daemon closes this socket on purpose: deliver what is pending,
+    /// then say why (`closing`, DESIGN.md §3.2) as the last line.
+    async fn close_on_purpose(&mut self) -> End {
+        let closing = self.hub.closing_line();
+        self.flush_then(Some(closing)).await
+    }
+
     /// Write everything pending within [`FLUSH_TIMEOUT`], then close.
     async fn flush(&mut self) -> End {
+        self.flush_then(None).await
+    }
+
+    /// Write everything pending, then `last` (if any), within
+    /// [`FLUSH_TIMEOUT`]; then close.
+    async fn flush_then(&mut self, last: Option<Bytes>) -> End {
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         loop {
             self.gather();
@@ -962,6 +989,13 @@ impl Delivery {
             }
             match timeout_at(deadline, self.write.write_all(&self.out)).await {
                 Ok(Ok(())) => self.committed(),
+                Ok(Err(e)) => return end_of_write(e),
+                Err(_) => return End::FlushTimeout,
+            }
+        }
+        if let Some(last) = last {
+            match timeout_at(deadline, self.write.write_all(&last)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return end_of_write(e),
                 Err(_) => return End::FlushTimeout,
             }
@@ -1727,7 +1761,27 @@ mod tests {
             .unwrap();
         assert!(!daemon.socket.exists());
         assert_eq!(bot.dispatches(50).await, (1..=50).collect::<Vec<_>>());
+        assert_eq!(bot.recv().await["op"], "closing");
         assert_eq!(bot.next_line().await, None);
+    }
+
+    #[tokio::test]
+    async fn closing_is_the_last_line_before_a_shutdown_and_says_why() {
+        let daemon = start(1 << 20).await;
+        let mut bot = daemon.bot().await;
+        bot.hello(json!(["*"]), Value::Null).await;
+        daemon.append("MESSAGE_CREATE");
+        assert_eq!(bot.dispatches(1).await, vec![1]);
+        daemon.hub.set_closing(
+            protocol::closing::SHUTDOWN,
+            "SIGTERM: sessions saved; reconnect and resume_from your last cursor".to_string(),
+        );
+        daemon.shutdown.send(true).unwrap();
+        let closing = bot.recv().await;
+        assert_eq!(closing["op"], "closing", "{closing}");
+        assert_eq!(closing["reason"], "shutdown");
+        assert!(closing["detail"].as_str().unwrap().starts_with("SIGTERM"));
+        assert_eq!(bot.next_line().await, None, "then the socket closes");
     }
 
     #[tokio::test]

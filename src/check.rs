@@ -94,7 +94,13 @@ pub fn check_config(path: &Path) -> ExitCode {
         config.state.dir.display(),
         config.state.resume_window.as_secs()
     );
-    for warning in &plan.warnings {
+    let mut warnings = plan.warnings.clone();
+    if let ShardRange::Span(first, _) = config.shards.range
+        && first > 0
+    {
+        warnings.extend(crate::intents::shard_zero_warnings(&plan));
+    }
+    for warning in &warnings {
         println!();
         println!("warning: {warning}");
     }

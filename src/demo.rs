@@ -3,12 +3,13 @@
 //! resumable close) so a newcomer watches sessions recover while events keep
 //! flowing. No token, no network beyond loopback.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::signal::unix::SignalKind;
 use tokio::sync::watch;
 
 use crate::config::{Config, Token};
@@ -18,12 +19,67 @@ use crate::supervisor::{self, DaemonOptions};
 /// The demo's configuration (also shipped as `config/demo.toml`).
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
-/// Run the demo for `seconds` (or until Ctrl-C), keeping files under `dir`.
-pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
+/// Where a demo run keeps its socket and state.
+struct RunDir {
+    path: PathBuf,
+    /// Created for this run (and removed at its end), or given by the user
+    /// (left as it is).
+    ours: bool,
+}
+
+impl RunDir {
+    /// `dir` as given, or a new directory of this run's own under the
+    /// system's temporary directory: two demos never share a socket or
+    /// state, and no demo deletes another's.
+    fn new(dir: Option<&Path>) -> Result<RunDir, String> {
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            return Ok(RunDir {
+                path: dir.to_path_buf(),
+                ours: false,
+            });
+        }
+        let base = std::env::temp_dir();
+        for _ in 0..16 {
+            let path = base.join(format!(
+                "shardwarden-demo-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(RunDir { path, ours: true }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+            }
+        }
+        Err(format!(
+            "cannot create a fresh demo directory under {}",
+            base.display()
+        ))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Run the demo for `seconds` (or until SIGINT or SIGTERM), keeping its
+/// socket and state under `dir` (default: a new directory of its own).
+/// Ends with an error when its daemon stops by itself.
+pub async fn run(seconds: Option<u64>, dir: Option<&Path>) -> Result<(), String> {
+    // Before anything else: a SIGTERM while starting must stop the demo
+    // cleanly, not kill it with the default action.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let run_dir = RunDir::new(dir)?;
     let mut config = Config::parse(DEMO_CONFIG).map_err(|e| e.to_string())?;
-    config.bot.socket = dir.join("bot.sock");
-    config.state.dir = dir.join("state");
-    let _ = std::fs::remove_dir_all(&config.state.dir);
+    config.bot.socket = run_dir.path.join("bot.sock");
+    config.state.dir = run_dir.path.join("state");
     let token = "demo-token-not-secret-0042".to_string();
     let sim = Simulator::start(SimConfig {
         token: token.clone(),
@@ -44,7 +100,7 @@ pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = config.bot.socket.clone();
-    let daemon = tokio::spawn(supervisor::run(
+    let mut daemon = tokio::spawn(supervisor::run(
         config,
         DaemonOptions {
             token: Some(Token::new(token)),
@@ -58,27 +114,45 @@ pub async fn run(seconds: Option<u64>, dir: &Path) -> Result<(), String> {
     tokio::spawn(traffic(sim.clone(), stop_rx.clone()));
     tokio::spawn(faults(sim.clone(), stop_rx));
 
-    match seconds {
-        Some(s) => {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(s)) => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let run_for = async {
+        match seconds {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => {
+                println!("demo: press Ctrl-C (or send SIGTERM) to stop");
+                std::future::pending().await
             }
         }
-        None => {
-            println!("demo: press Ctrl-C to stop");
-            let _ = tokio::signal::ctrl_c().await;
+    };
+    let why = tokio::select! {
+        // Signals first: the daemon sees them too and stops on its own.
+        biased;
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        () = run_for => "time is up",
+        ended = &mut daemon => {
+            // The daemon stopped although nobody asked: the demo cannot go on.
+            let _ = stop_tx.send(true);
+            return Err(match ended {
+                Ok(Err(e)) => format!("the demo's daemon failed: {e}"),
+                Ok(Ok(())) => "the demo's daemon stopped unexpectedly".to_string(),
+                Err(e) => format!("the demo's daemon task failed: {e}"),
+            });
         }
-    }
+    };
+    println!("demo: stopping ({why})");
     let _ = stop_tx.send(true);
     match daemon.await {
         Ok(Ok(())) => {
-            println!("demo: daemon stopped cleanly; sessions saved for resume");
+            println!("demo: daemon stopped cleanly");
             Ok(())
         }
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("daemon task failed: {e}")),
+        Ok(Err(e)) => Err(format!("the demo's daemon failed: {e}")),
+        Err(e) => Err(format!("the demo's daemon task failed: {e}")),
     }
+}
+
+fn signal(kind: SignalKind) -> Result<tokio::signal::unix::Signal, String> {
+    tokio::signal::unix::signal(kind).map_err(|e| format!("cannot handle signals: {e}"))
 }
 
 /// A few MESSAGE_CREATEs per second across the shards.

@@ -88,7 +88,9 @@ pub struct CloseCode {
     pub name: &'static str,
     /// What the daemon does.
     pub class: CloseClass,
-    /// What it means and what the operator should do.
+    /// What it means and what the operator should do. What the daemon
+    /// does next (resume or identify, and when) is said by the shard,
+    /// which knows whether it still holds a session.
     pub advice: &'static str,
 }
 
@@ -99,25 +101,25 @@ pub static CLOSE_CODES: &[CloseCode] = &[
         code: 4000,
         name: "Unknown error",
         class: CloseClass::Resumable,
-        advice: "Discord-side error; the daemon resumes",
+        advice: "Discord-side error",
     },
     CloseCode {
         code: 4001,
         name: "Unknown opcode",
         class: CloseClass::Resumable,
-        advice: "the daemon sent an invalid opcode or payload (a bug: report it, or a bot `send` payload Discord rejected); resuming",
+        advice: "the daemon sent an invalid opcode or payload (a bug: report it, or a bot `send` payload Discord rejected)",
     },
     CloseCode {
         code: 4002,
         name: "Decode error",
         class: CloseClass::Resumable,
-        advice: "Discord could not decode a payload (over 4096 bytes or malformed; check recent bot `send` payloads); resuming",
+        advice: "Discord could not decode a payload the daemon sent (malformed, or over the size limit; bot `send` payloads are checked against it, so a daemon bug is likelier)",
     },
     CloseCode {
         code: 4003,
         name: "Not authenticated",
         class: CloseClass::Reidentify,
-        advice: "payload before IDENTIFY, or the session was invalidated; identifying again",
+        advice: "payload before IDENTIFY, or the session was invalidated",
     },
     CloseCode {
         code: 4004,
@@ -129,25 +131,25 @@ pub static CLOSE_CODES: &[CloseCode] = &[
         code: 4005,
         name: "Already authenticated",
         class: CloseClass::Reidentify,
-        advice: "a second IDENTIFY on one connection (a daemon bug); identifying again on a new connection",
+        advice: "a second IDENTIFY on one connection (a daemon bug)",
     },
     CloseCode {
         code: 4007,
         name: "Invalid seq",
         class: CloseClass::Reidentify,
-        advice: "the RESUME sequence was not valid; starting a new session",
+        advice: "the RESUME sequence was not valid: the session is gone",
     },
     CloseCode {
         code: 4008,
         name: "Rate limited",
         class: CloseClass::Resumable,
-        advice: "more than 120 gateway commands in 60 s on one connection; resuming (check what the bot sends)",
+        advice: "more than 120 gateway commands in 60 s on one connection (check what the bot sends)",
     },
     CloseCode {
         code: 4009,
         name: "Session timed out",
         class: CloseClass::Reidentify,
-        advice: "the session expired; starting a new one",
+        advice: "the session expired",
     },
     CloseCode {
         code: 4010,
@@ -217,6 +219,17 @@ mod tests {
         );
         assert_eq!(classify_close(Some(1006)), CloseClass::Resumable);
         assert!(close_code(4006).is_none());
+    }
+
+    #[test]
+    fn advice_leaves_the_next_step_to_the_shard() {
+        // Whether a resumable close resumes depends on whether a session
+        // exists; the shard says which, so the table must not.
+        for row in CLOSE_CODES.iter().filter(|r| r.class != CloseClass::Fatal) {
+            for word in ["resuming", "resumes", "identifying"] {
+                assert!(!row.advice.contains(word), "{}: {}", row.code, row.advice);
+            }
+        }
     }
 
     #[test]

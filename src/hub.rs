@@ -258,6 +258,14 @@ impl ShardStats {
             .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
     }
 
+    /// Last close code received, if any.
+    pub fn last_close(&self) -> Option<u32> {
+        match self.last_close.load(Ordering::Relaxed) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
     /// Current state.
     pub fn state(&self) -> ShardState {
         ShardState::from_u8(self.state.load(Ordering::Relaxed))
@@ -409,6 +417,13 @@ pub struct Hub {
     /// How often diagnostics bots get `health` (ms; 0 = the bot server's
     /// configured default). Changed by a SIGHUP reload.
     health_interval_ms: AtomicU64,
+    /// The suspected Discord-side incident in progress, if any.
+    incident: Mutex<Option<IncidentReport>>,
+    /// Why the daemon is about to close bot sockets (`closing` reason and
+    /// detail), set before shutdown is signalled.
+    closing: Mutex<Option<(&'static str, String)>>,
+    /// Incidents suspected since start.
+    pub incidents: AtomicU64,
 }
 
 impl Hub {
@@ -445,6 +460,9 @@ impl Hub {
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             health_interval_ms: AtomicU64::new(0),
+            incident: Mutex::new(None),
+            closing: Mutex::new(None),
+            incidents: AtomicU64::new(0),
         }
     }
 
@@ -523,6 +541,46 @@ impl Hub {
         let _ = self.sessions.send(line);
     }
 
+    /// Publish a change of the daemon-wide incident state to diagnostics
+    /// bots (DESIGN.md §3.2 `incident`) and keep it for `health`.
+    pub fn report_incident(&self, report: &IncidentReport) {
+        {
+            let mut current = self.incident.lock().unwrap_or_else(|p| p.into_inner());
+            if report.state == IncidentReport::SUSPECTED {
+                self.incidents.fetch_add(1, Ordering::Relaxed);
+                *current = Some(report.clone());
+            } else {
+                *current = None;
+            }
+        }
+        let _ = self.sessions.send(report.line());
+    }
+
+    /// Say why bot sockets are about to be closed (sent to each bot as
+    /// `closing` before its socket is closed).
+    pub fn set_closing(&self, reason: &'static str, detail: String) {
+        *self.closing.lock().unwrap_or_else(|p| p.into_inner()) = Some((reason, detail));
+    }
+
+    /// The `closing` line for bots whose sockets the daemon closes now.
+    pub fn closing_line(&self) -> Bytes {
+        match &*self.closing.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((reason, detail)) => crate::protocol::closing_line(reason, detail),
+            None => crate::protocol::closing_line(
+                crate::protocol::closing::SHUTDOWN,
+                "the daemon is stopping; reconnect and resume_from your last cursor",
+            ),
+        }
+    }
+
+    /// The incident in progress, if any.
+    pub fn incident(&self) -> Option<IncidentReport> {
+        self.incident
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The `health` message (DESIGN.md §3.2) as one line.
     pub fn health_line(&self) -> Bytes {
         let shards: Vec<HealthShard> = self
@@ -536,10 +594,7 @@ impl Hub {
                 identifies: s.identifies.load(Ordering::Relaxed),
                 resumes: s.resumes.load(Ordering::Relaxed),
                 zombies: s.zombies.load(Ordering::Relaxed),
-                last_close: match s.last_close.load(Ordering::Relaxed) {
-                    0 => None,
-                    code => Some(code),
-                },
+                last_close: s.last_close(),
                 session_age_s: s.session().started.map(|t| t.elapsed().as_secs()),
             })
             .collect();
@@ -558,6 +613,12 @@ impl Hub {
             clients: self.consumers.view(head),
             unforwarded: self.unforwarded.load(Ordering::Relaxed),
             broker: self.broker.view(head),
+            incident: self.incident().map(|i| HealthIncident {
+                state: i.state,
+                since: i.at,
+                shards: i.shards,
+                detail: i.detail,
+            }),
         };
         let mut line = serde_json::to_vec(&message).unwrap_or_default();
         line.push(b'\n');
@@ -596,6 +657,59 @@ struct HealthMessage {
     /// The JetStream sink, when `[broker]` is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<crate::cluster::broker::BrokerView>,
+    /// The suspected Discord-side incident in progress (`null`: none).
+    incident: Option<HealthIncident>,
+}
+
+#[derive(Serialize)]
+struct HealthIncident {
+    state: &'static str,
+    since: String,
+    shards: Vec<u32>,
+    detail: String,
+}
+
+/// A suspected Discord-side incident, or its end, as sent to diagnostics
+/// bots (`{"op":"incident",...}`, DESIGN.md §3.2): a daemon-wide fact,
+/// never one shard's `session` event.
+#[derive(Debug, Clone, Serialize)]
+pub struct IncidentReport {
+    /// Always `"incident"`.
+    pub op: &'static str,
+    /// [`IncidentReport::SUSPECTED`] or [`IncidentReport::RECOVERED`].
+    pub state: &'static str,
+    /// When it was noticed.
+    pub at: String,
+    /// The shards whose failures made it likely (for `recovered`: those of
+    /// the incident that ended).
+    pub shards: Vec<u32>,
+    /// What happened and what the daemon does about it, for a human.
+    pub detail: String,
+}
+
+impl IncidentReport {
+    /// Many shards failed together: Discord is the likelier culprit.
+    pub const SUSPECTED: &'static str = "suspected";
+    /// Every shard is back.
+    pub const RECOVERED: &'static str = "recovered";
+
+    /// A report stamped now.
+    pub fn new(state: &'static str, shards: Vec<u32>, detail: String) -> Self {
+        IncidentReport {
+            op: "incident",
+            state,
+            at: crate::clock::now_rfc3339(),
+            shards,
+            detail,
+        }
+    }
+
+    /// The NDJSON line.
+    pub fn line(&self) -> Bytes {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
 }
 
 /// A lifecycle change of one shard, as sent to diagnostics bots

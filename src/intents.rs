@@ -94,10 +94,11 @@ pub static INTENTS: &[Intent] = &[
         ],
         note: Some(
             "GUILD_MEMBER_UPDATE for the bot's own member arrives even without GUILD_MEMBERS; \
-             shardwarden still counts GUILD_MEMBERS as the intent that delivers \
-             GUILD_MEMBER_UPDATE. Also needed for THREAD_MEMBERS_UPDATE about other users, for \
-             requesting a guild's whole member list (op 8), and for the full member list in \
-             GUILD_CREATE",
+             other members' updates need it. Also needed for THREAD_MEMBERS_UPDATE about other \
+             users and for requesting a guild's whole member list (op 8). It does not fill \
+             GUILD_CREATE's member list: that takes GUILD_PRESENCES, and even then guilds over \
+             large_threshold list only online, role-holding, nicknamed or voice members, and \
+             guilds over 75,000 members only the bot and voice members",
         ),
     },
     Intent {
@@ -440,8 +441,29 @@ pub const PRIVILEGED_MASK: u64 = 33026;
 /// the Undeliverable message, which still asks for the intent.
 static PARTIAL_WITHOUT_INTENT: &[(&str, &str)] = &[(
     "GUILD_MEMBER_UPDATE",
-    "without it only updates to the bot's own member arrive",
+    "updates to the bot's own member arrive without GUILD_MEMBERS; other members' updates \
+     need \"GUILD_MEMBERS\" (privileged) in [discord] intents",
 )];
+
+/// Events that never carry a `guild_id`, so Discord sends them to shard 0
+/// only (facts §6): entitlements and subscriptions.
+static SHARD_ZERO_ONLY: &[&str] = &[
+    "ENTITLEMENT_CREATE",
+    "ENTITLEMENT_UPDATE",
+    "ENTITLEMENT_DELETE",
+    "SUBSCRIPTION_CREATE",
+    "SUBSCRIPTION_UPDATE",
+    "SUBSCRIPTION_DELETE",
+];
+
+/// Intents whose events come without a `guild_id` (DMs), so only shard 0
+/// gets what they deliver (facts §6).
+static DM_INTENTS: &[&str] = &[
+    "DIRECT_MESSAGES",
+    "DIRECT_MESSAGE_REACTIONS",
+    "DIRECT_MESSAGE_TYPING",
+    "DIRECT_MESSAGE_POLLS",
+];
 
 /// Where intents and events are written in the config file, for messages.
 const INTENTS_KEY: &str = "[discord] intents";
@@ -671,9 +693,6 @@ impl fmt::Display for IntentError {
                     1 => write!(f, "add {} to {INTENTS_KEY}", names[0])?,
                     _ => write!(f, "add one of {} to {INTENTS_KEY}", names.join(", "))?,
                 }
-                if let Some((_, caveat)) = PARTIAL_WITHOUT_INTENT.iter().find(|(e, _)| e == event) {
-                    write!(f, " ({caveat})")?;
-                }
                 Ok(())
             }
         }
@@ -757,6 +776,14 @@ pub fn plan(intents: &[String], events: &[String]) -> Result<IntentPlan, Vec<Int
         subscribed.push(name.clone());
         let by = intents_for_event(name);
         let delivered = by.is_empty() || by.iter().any(|i| declared.contains(i));
+        // Arrives in part without its intent (the bot's own member update):
+        // accepted, with a note on what is missing.
+        if !delivered
+            && let Some((_, caveat)) = PARTIAL_WITHOUT_INTENT.iter().find(|(e, _)| e == name)
+        {
+            notes.push(format!("{name} is subscribed without its intent: {caveat}"));
+            continue;
+        }
         // A mistyped intent whose suggestion would deliver this event is
         // already reported; fixing the typo fixes this too.
         let pending = by.iter().any(|i| suggested.contains(i.name));
@@ -834,6 +861,50 @@ pub fn plan(intents: &[String], events: &[String]) -> Result<IntentPlan, Vec<Int
         warnings,
         notes,
     })
+}
+
+/// Warnings for an instance that does not own shard 0: what it subscribes
+/// to but Discord sends only to shard 0 (events without a `guild_id`:
+/// DMs, entitlements, subscriptions, interactions from DMs and user
+/// installs; facts §6).
+pub fn shard_zero_warnings(plan: &IntentPlan) -> Vec<String> {
+    let dm_intents: Vec<&str> = plan
+        .intents
+        .iter()
+        .map(|i| i.name)
+        .filter(|name| DM_INTENTS.contains(name))
+        .collect();
+    let mut warnings = Vec::new();
+    for event in &plan.events {
+        let event = event.as_str();
+        if SHARD_ZERO_ONLY.contains(&event) {
+            warnings.push(format!(
+                "{event} has no guild_id, so Discord sends it only to shard 0, which \
+                 [shards] range leaves out: this instance never receives it (run it where \
+                 shard 0 is, or remove it from {EVENTS_KEY})"
+            ));
+        } else if event == "INTERACTION_CREATE" {
+            warnings.push(format!(
+                "{event} from DMs and user-installed commands has no guild_id and goes only to \
+                 shard 0, which [shards] range leaves out: this instance gets guild \
+                 interactions only"
+            ));
+        } else {
+            let by_dm: Vec<&str> = intents_for_event(event)
+                .iter()
+                .map(|i| i.name)
+                .filter(|name| dm_intents.contains(name))
+                .collect();
+            if !by_dm.is_empty() {
+                warnings.push(format!(
+                    "{event} in DMs (declared {}) has no guild_id and goes only to shard 0, \
+                     which [shards] range leaves out: this instance gets its guild part only",
+                    by_dm.join(", ")
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]
@@ -1167,14 +1238,57 @@ mod tests {
     }
 
     #[test]
-    fn undeliverable_own_member_caveat() {
-        let errors = err(&["GUILDS"], &["GUILD_MEMBER_UPDATE"]);
-        assert_eq!(
-            errors[0].to_string(),
-            "event \"GUILD_MEMBER_UPDATE\" can never arrive: no declared intent delivers it; add \
-             \"GUILD_MEMBERS\" (privileged) to [discord] intents (without it only updates to the \
-             bot's own member arrive)"
+    fn own_member_update_is_accepted_without_guild_members_with_a_note() {
+        let p = ok(&["GUILDS"], &["GUILD_CREATE", "GUILD_MEMBER_UPDATE"]);
+        assert_eq!(p.bits, 1);
+        assert!(
+            p.notes.iter().any(|n| n.starts_with(
+                "GUILD_MEMBER_UPDATE is subscribed without its intent: updates to the bot's own \
+                 member arrive without GUILD_MEMBERS; other members' updates need"
+            )),
+            "{:?}",
+            p.notes
         );
+        // With the intent there is nothing to say about it.
+        let p = ok(&["GUILD_MEMBERS"], &["GUILD_MEMBER_UPDATE"]);
+        assert!(!p.notes.iter().any(|n| n.contains("without its intent")));
+    }
+
+    #[test]
+    fn guild_members_note_leaves_the_guild_create_member_list_to_presences() {
+        let note = intent("GUILD_MEMBERS").unwrap().note.unwrap();
+        assert!(
+            !note.contains("for the full member list in GUILD_CREATE"),
+            "{note}"
+        );
+        assert!(note.contains("takes GUILD_PRESENCES"), "{note}");
+        assert!(
+            note.contains("large_threshold") && note.contains("75,000"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn guild_less_events_are_named_for_instances_without_shard_zero() {
+        let p = ok(
+            &["GUILDS", "GUILD_MESSAGES", "DIRECT_MESSAGES"],
+            &[
+                "GUILD_CREATE",
+                "MESSAGE_CREATE",
+                "ENTITLEMENT_CREATE",
+                "INTERACTION_CREATE",
+            ],
+        );
+        let warnings = shard_zero_warnings(&p);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].starts_with("MESSAGE_CREATE in DMs (declared DIRECT_MESSAGES)"));
+        assert!(warnings[1].starts_with("ENTITLEMENT_CREATE has no guild_id"));
+        assert!(warnings[2].starts_with("INTERACTION_CREATE from DMs"));
+        let guild_only = ok(
+            &["GUILDS", "GUILD_MESSAGES"],
+            &["GUILD_CREATE", "MESSAGE_CREATE"],
+        );
+        assert!(shard_zero_warnings(&guild_only).is_empty());
     }
 
     #[test]

@@ -44,12 +44,13 @@ enum Command {
     },
     /// Run the daemon against the embedded gateway simulator with a sample bot (no token needed).
     Demo {
-        /// Stop after this many seconds (default: run until Ctrl-C).
+        /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long)]
         seconds: Option<u64>,
-        /// Where the demo puts its socket and state.
-        #[arg(long, default_value = "/tmp/shardwarden-demo")]
-        dir: PathBuf,
+        /// Where the demo puts its socket and state (default: a new
+        /// directory of its own under $TMPDIR, removed at the end).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -166,7 +167,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { seconds, dir } => {
             let _ = init_logging(LogFormat::Text, "info");
-            match runtime.block_on(shardwarden::demo::run(seconds, &dir)) {
+            match runtime.block_on(shardwarden::demo::run(seconds, dir.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

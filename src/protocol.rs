@@ -11,15 +11,17 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::gateway::MAX_SEND_PAYLOAD;
+
 /// The protocol version this daemon speaks (`hello.v`, `welcome.v`).
 pub const PROTOCOL_VERSION: u64 = 1;
 
+/// The `client` name `shardwarden status` says hello with: a query, not a
+/// bot, so it is not counted in `bot_clients`.
+pub const STATUS_CLIENT: &str = "shardwarden-status";
+
 /// Longest line a bot may send, newline excluded (DESIGN.md §3: 64 KiB).
 pub const MAX_LINE: usize = 64 * 1024;
-
-/// Discord's limit on one sent gateway payload (facts sheet §5.3); larger
-/// frames get the connection closed with 4002.
-pub const MAX_PAYLOAD: usize = 4096;
 
 /// Error codes of `{"op":"error"}` lines. The first nine are the contract;
 /// the rest are additions (new codes are allowed within version 1).
@@ -35,7 +37,7 @@ pub mod code {
     pub const UNSUBSCRIBED_EVENT: &str = "unsubscribed_event";
     /// `send` with an opcode that is not a bot command.
     pub const OP_NOT_ALLOWED: &str = "op_not_allowed";
-    /// `send` whose serialized payload is over 4096 bytes.
+    /// `send` whose serialized payload is over [`MAX_SEND_PAYLOAD`] bytes.
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// `send` to (or routed to) a shard this daemon does not own.
     pub const SHARD_NOT_OWNED: &str = "shard_not_owned";
@@ -131,7 +133,7 @@ pub struct GatewayCommand {
     pub op: u64,
     /// The command's `d`.
     pub d: Value,
-    /// `{"op":..,"d":..}` as it will be sent (compact JSON, ≤ 4096 bytes).
+    /// `{"op":..,"d":..}` as it will be sent (compact JSON, at most [`MAX_SEND_PAYLOAD`] bytes).
     pub payload: String,
 }
 
@@ -383,11 +385,11 @@ fn parse_send(mut obj: Map<String, Value>) -> Result<SendRequest, ProtocolError>
     if target == SendTarget::GuildIds {
         command.guild_ids().map_err(|e| bad(format!("send: {e}")))?;
     }
-    if command.payload.len() > MAX_PAYLOAD {
+    if command.payload.len() > MAX_SEND_PAYLOAD {
         return Err(fail(
             code::PAYLOAD_TOO_LARGE,
             format!(
-                "payload is {} bytes serialized; Discord allows at most {MAX_PAYLOAD} bytes per gateway payload",
+                "payload is {} bytes serialized; Discord allows at most {MAX_SEND_PAYLOAD} bytes per gateway payload",
                 command.payload.len()
             ),
         ));
@@ -495,6 +497,29 @@ pub fn gap_line(from: u64, to: u64, missed: u64) -> Bytes {
     })
 }
 
+/// Why the daemon closes a bot's socket on purpose (`closing.reason`).
+pub mod closing {
+    /// The daemon is stopping (SIGTERM, SIGINT, or it cannot go on).
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// `{"op":"closing","reason":..,"detail":..}`: the last line before the
+/// daemon closes the socket on purpose (DESIGN.md §3.2), so a bot can tell
+/// a clean stop or restart from a crash and reconnect quietly.
+pub fn closing_line(reason: &str, detail: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Closing<'a> {
+        op: &'static str,
+        reason: &'a str,
+        detail: &'a str,
+    }
+    to_line(&Closing {
+        op: "closing",
+        reason,
+        detail,
+    })
+}
+
 /// `{"op":"sent","id":..,"shard":..}`; a split op 31 adds every shard in
 /// `shards` (the first is `shard`).
 pub fn sent_line(id: &Value, shards: &[u32]) -> Bytes {
@@ -591,7 +616,7 @@ mod tests {
         assert_eq!(e.code, code::BAD_REQUEST);
         let e = err(r#"{"op":"send","shard":0,"payload":{"op":3,"d":{}}}"#);
         assert_eq!((e.code, e.id), (code::BAD_REQUEST, None));
-        let big = "x".repeat(MAX_PAYLOAD);
+        let big = "x".repeat(MAX_SEND_PAYLOAD);
         let e = err(&format!(
             r#"{{"op":"send","id":1,"shard":0,"payload":{{"op":3,"d":{{"s":"{big}"}}}}}}"#
         ));

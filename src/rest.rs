@@ -162,7 +162,13 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line accepted.
 const MAX_CHUNK_LINE: usize = 1024;
-const USER_AGENT: &str = "DiscordBot (https://github.com/shardwarden/shardwarden, 0.1.0)";
+/// The `User-Agent` Discord asks of bots, `DiscordBot ($url, $version)`:
+/// sent on every REST request and on the gateway WebSocket upgrade.
+pub const USER_AGENT: &str = concat!(
+    "DiscordBot (https://github.com/shardwarden/shardwarden, ",
+    env!("CARGO_PKG_VERSION"),
+    ")"
+);
 
 /// One attempt at `GET {api_base}/gateway/bot`.
 pub async fn get_gateway_bot(api_base: &str, token: &Token) -> Result<GatewayBot, RestError> {

@@ -398,22 +398,26 @@ impl Shard {
                 .write_buffer_size(0)
                 .max_message_size(Some(self.config.max_message_size))
                 .max_frame_size(Some(self.config.max_message_size));
-            let connect =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config), true);
+            let connect = async {
+                let request = upgrade_request(&url)?;
+                tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true).await
+            };
             let ws = tokio::select! {
                 result = timeout(self.config.connect_timeout, connect) => match result {
                     Ok(Ok((ws, _response))) => Some(ws),
                     Ok(Err(e)) => {
                         self.attempt += 1;
                         let wait = backoff.next().unwrap_or(self.config.backoff_max);
-                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("cannot connect to {base}: {e}; retrying in {} ms", wait.as_millis())), Some(wait));
+                        let (next, eta) = self.next_step(wait);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("cannot connect to {base}: {e}; {next}")), Some(eta));
                         delay = Some(wait);
                         None
                     }
                     Err(_) => {
                         self.attempt += 1;
                         let wait = backoff.next().unwrap_or(self.config.backoff_max);
-                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("connecting to {base} timed out after {} s; retrying in {} ms", self.config.connect_timeout.as_secs(), wait.as_millis())), Some(wait));
+                        let (next, eta) = self.next_step(wait);
+                        self.report("closed", None, Some(CloseClass::Transport), Some(format!("connecting to {base} timed out after {} s; {next}", self.config.connect_timeout.as_secs())), Some(eta));
                         delay = Some(wait);
                         None
                     }
@@ -468,16 +472,14 @@ impl Shard {
                     } else {
                         backoff.next().unwrap_or(self.config.backoff_max)
                     };
-                    let detail = format!(
-                        "{detail}; {} in {} ms",
-                        if self.session.is_some() {
-                            "resuming"
-                        } else {
-                            "identifying"
-                        },
-                        wait.as_millis()
+                    let (next, eta) = self.next_step(wait);
+                    self.report(
+                        event,
+                        close_code,
+                        Some(class),
+                        Some(format!("{detail}; {next}")),
+                        Some(eta),
                     );
-                    self.report(event, close_code, Some(class), Some(detail), Some(wait));
                     delay = Some(wait);
                 }
                 Disconnect::Reidentify {
@@ -495,20 +497,30 @@ impl Shard {
                     } else {
                         backoff.next().unwrap_or(self.config.backoff_max)
                     };
+                    let (next, eta) = self.next_step(wait);
                     self.report(
                         event,
                         close_code,
                         Some(CloseClass::Reidentify),
-                        Some(format!(
-                            "{detail}; identifying again in {} ms (through the identify queue)",
-                            wait.as_millis()
-                        )),
-                        Some(wait),
+                        Some(format!("{detail}; {next}")),
+                        Some(eta),
                     );
                     delay = Some(wait);
                 }
             }
         }
+    }
+
+    /// What the next attempt will be, said once and truly: a RESUME after
+    /// `backoff` when a session is held, else an IDENTIFY after `backoff`
+    /// *and* the shard's turn in the identify queue. Returns the text and
+    /// the expected wait.
+    fn next_step(&self, backoff: Duration) -> (String, Duration) {
+        if self.session.is_some() {
+            return (format!("resuming in {} ms", backoff.as_millis()), backoff);
+        }
+        let (turn, taken) = self.queue.next_turn_in(self.id());
+        identify_step(backoff, turn, taken)
     }
 
     fn stopped(&mut self) -> ShardExit {
@@ -685,20 +697,7 @@ impl Shard {
                 .last_close
                 .store(u32::from(code), Ordering::Relaxed);
         }
-        let row = code.and_then(gateway::close_code);
-        let name = row.map_or("unlisted close code", |r| r.name);
-        let advice = row.map_or("treated as resumable; Discord's op 9 decides", |r| r.advice);
-        let detail = match code {
-            Some(code) => format!(
-                "Discord closed the connection with {code} ({name}{}): {advice}",
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(", \"{reason}\"")
-                }
-            ),
-            None => "Discord closed the connection without a code".to_string(),
-        };
+        let detail = close_detail(code, reason);
         match gateway::classify_close(code) {
             CloseClass::Fatal => {
                 let detail = match code {
@@ -1136,6 +1135,49 @@ fn close_message(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// "identifying in N ms", where N is the later of the backoff and the
+/// bucket's next turn (`taken`: another shard holds the turn now, so N is
+/// a lower bound).
+fn identify_step(backoff: Duration, turn: Duration, taken: bool) -> (String, Duration) {
+    if turn <= backoff && !taken {
+        return (
+            format!("identifying in {} ms", backoff.as_millis()),
+            backoff,
+        );
+    }
+    let eta = turn.max(backoff);
+    (
+        format!(
+            "identifying in {}{} ms ({} ms backoff, then its turn in the identify queue)",
+            if taken { "at least " } else { "" },
+            eta.as_millis(),
+            backoff.as_millis()
+        ),
+        eta,
+    )
+}
+
+/// How a close from Discord reads in the log and the `session` report. The
+/// close reason is Discord's own word on what happened, so it comes first;
+/// the table's advice is the code's usual meaning, and is only offered as
+/// that when a reason was given.
+fn close_detail(code: Option<u16>, reason: &str) -> String {
+    let Some(code) = code else {
+        return "Discord closed the connection without a code".to_string();
+    };
+    let row = gateway::close_code(code);
+    let name = row.map_or("unlisted close code", |r| r.name);
+    let advice = row.map_or("not a documented gateway close code", |r| r.advice);
+    let reason = reason.trim();
+    if reason.is_empty() {
+        format!("Discord closed the connection with {code} ({name}): {advice}")
+    } else {
+        format!(
+            "Discord closed the connection with {code}, reason \"{reason}\" ({name}; what {code} usually means: {advice})"
+        )
+    }
+}
+
 /// Send a close frame without waiting long for it (the peer may be dead).
 async fn close<S>(sink: &mut S, code: u16, reason: &'static str)
 where
@@ -1158,6 +1200,24 @@ pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = D
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// The WebSocket upgrade request for `url`, with the same `User-Agent` as
+/// REST calls (Discord-compatible servers refuse upgrades without one).
+fn upgrade_request(
+    url: &str,
+) -> Result<
+    tokio_tungstenite::tungstenite::handshake::client::Request,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert(
+        "User-Agent",
+        HeaderValue::from_static(crate::rest::USER_AGENT),
+    );
+    Ok(request)
 }
 
 /// Is a gateway URL acceptable: wss://, or ws:// to loopback?
@@ -1201,6 +1261,56 @@ mod tests {
         assert_ne!(
             delays, other,
             "jittered: two shards do not retry in lockstep"
+        );
+    }
+
+    #[test]
+    fn a_close_reason_comes_before_the_tables_advice() {
+        let detail = close_detail(Some(4002), "missing User-Agent header");
+        assert!(
+            detail.starts_with(
+                "Discord closed the connection with 4002, reason \"missing User-Agent header\""
+            ),
+            "{detail}"
+        );
+        assert!(detail.contains("usually means"), "{detail}");
+        let detail = close_detail(Some(4000), "");
+        assert_eq!(
+            detail,
+            "Discord closed the connection with 4000 (Unknown error): Discord-side error"
+        );
+        assert_eq!(
+            close_detail(None, "x"),
+            "Discord closed the connection without a code"
+        );
+    }
+
+    #[test]
+    fn an_identify_retry_names_one_step_and_the_queue_wait() {
+        let (text, eta) = identify_step(
+            Duration::from_millis(613),
+            Duration::from_millis(5020),
+            false,
+        );
+        assert_eq!(
+            text,
+            "identifying in 5020 ms (613 ms backoff, then its turn in the identify queue)"
+        );
+        assert_eq!(eta, Duration::from_millis(5020));
+        assert!(!text.contains("resum"));
+        let (text, eta) = identify_step(Duration::from_millis(613), Duration::ZERO, false);
+        assert_eq!(
+            (text.as_str(), eta),
+            ("identifying in 613 ms", Duration::from_millis(613))
+        );
+        let (text, _) = identify_step(
+            Duration::from_millis(100),
+            Duration::from_millis(5020),
+            true,
+        );
+        assert!(
+            text.starts_with("identifying in at least 5020 ms"),
+            "{text}"
         );
     }
 

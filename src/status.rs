@@ -10,6 +10,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+/// How the table and the log spell "nothing here" (no close yet, no
+/// latency yet, nothing held).
+pub const NONE: &str = "-";
+
 /// Exit code when the daemon answers but some shard is not healthy.
 const EXIT_UNHEALTHY: u8 = 2;
 
@@ -54,8 +58,12 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
     })?;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
+    let hello = format!(
+        "{{\"op\":\"hello\",\"v\":1,\"client\":\"{}\",\"events\":[],\"diagnostics\":false,\"resume_from\":null}}\n{{\"op\":\"status\"}}\n",
+        crate::protocol::STATUS_CLIENT
+    );
     write
-        .write_all(b"{\"op\":\"hello\",\"v\":1,\"client\":\"shardwarden-status\",\"events\":[\"*\"],\"diagnostics\":false,\"resume_from\":null}\n{\"op\":\"status\"}\n")
+        .write_all(hello.as_bytes())
         .await
         .map_err(|e| format!("cannot write to the daemon: {e}"))?;
     while let Some(line) = lines
@@ -81,7 +89,15 @@ async fn fetch_health(socket: &Path) -> Result<Value, String> {
 }
 
 fn print_table(health: &Value) {
-    println!(
+    print!("{}", table(health));
+}
+
+/// The health table `status` prints.
+fn table(health: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
         "shard",
         "state",
@@ -97,20 +113,21 @@ fn print_table(health: &Value) {
     let shards = health["shards"].as_array().unwrap_or(&empty);
     for s in shards {
         let text = |v: &Value| match v {
-            Value::Null => "-".to_string(),
+            Value::Null => NONE.to_string(),
             other => other.to_string().trim_matches('"').to_string(),
         };
-        println!(
+        let _ = writeln!(
+            out,
             "{:>5}  {:<14} {:>8} {:>10} {:>10} {:>8} {:>10} {:>8} {:>10}",
             text(&s["shard"]),
             text(&s["state"]),
             s["latency_ms"]
                 .as_u64()
-                .map_or("-".to_string(), |ms| format!("{ms} ms")),
+                .map_or(NONE.to_string(), |ms| format!("{ms} ms")),
             text(&s["seq"]),
             s["session_age_s"]
                 .as_u64()
-                .map_or("-".to_string(), |a| format!("{a} s")),
+                .map_or(NONE.to_string(), |a| format!("{a} s")),
             text(&s["resumes"]),
             text(&s["identifies"]),
             text(&s["zombies"]),
@@ -118,38 +135,54 @@ fn print_table(health: &Value) {
         );
     }
     let active = shards.iter().filter(|s| s["state"] == "active").count();
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{active}/{} shards active; identify budget {}/{}; cursor head {}, oldest held {}; {} bot(s) connected",
         shards.len(),
         health["identify_budget"]["remaining"],
         health["identify_budget"]["total"],
         health["head"],
-        health["oldest"],
+        match &health["oldest"] {
+            Value::Null => NONE.to_string(),
+            v => v.to_string(),
+        },
         health["bot_clients"],
     );
-    print_clients(health);
+    write_clients(&mut out, health);
+    write_extras(&mut out, health);
+    let incident = &health["incident"];
+    if incident.is_object() {
+        let _ = writeln!(
+            out,
+            "Discord-side incident {} since {} (shards {}): {}",
+            incident["state"].as_str().unwrap_or("suspected"),
+            incident["since"].as_str().unwrap_or("?"),
+            incident["shards"],
+            incident["detail"].as_str().unwrap_or("")
+        );
+    }
+    out
 }
 
 /// Each bot client's ack and lag (the slowest acking one sets the resume
 /// point after a restart).
-fn print_clients(health: &Value) {
+fn write_clients(out: &mut String, health: &Value) {
+    use std::fmt::Write;
     let clients = health["clients"].as_array().cloned().unwrap_or_default();
-    if !clients.is_empty() {
-        print_client_rows(&clients);
+    if clients.is_empty() {
+        return;
     }
-    print_extras(health);
-}
-
-fn print_client_rows(clients: &[Value]) {
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{:<24} {:>9} {:>12} {:>10}  last seen",
         "client", "connected", "acked", "lag"
     );
     let or_dash = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
-    for c in clients {
-        println!(
+    for c in &clients {
+        let _ = writeln!(
+            out,
             "{:<24} {:>9} {:>12} {:>10}  {}",
             c["client"].as_str().unwrap_or("?"),
             or_dash(&c["connected"]),
@@ -161,10 +194,12 @@ fn print_client_rows(clients: &[Value]) {
 }
 
 /// The JetStream sink and held-back events, when there is something to say.
-fn print_extras(health: &Value) {
+fn write_extras(out: &mut String, health: &Value) {
+    use std::fmt::Write;
     if let Some(b) = health.get("broker").filter(|b| b.is_object()) {
-        println!();
-        println!(
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
             "JetStream: {}; published {}, position {}, backlog {}, lost to the ring {}",
             if b["connected"] == true {
                 "connected"
@@ -178,9 +213,36 @@ fn print_extras(health: &Value) {
         );
     }
     if let Some(n) = health["unforwarded"].as_u64().filter(|&n| n > 0) {
-        println!();
-        println!(
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
             "{n} event(s) NOT forwarded: the state directory cannot be written (see the log, event=state_unwritable)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_table_names_an_incident_in_progress() {
+        let mut health = json!({
+            "op": "health",
+            "shards": [{"shard": 0, "state": "reconnecting", "latency_ms": null, "seq": 9,
+                        "identifies": 1, "resumes": 0, "zombies": 0, "last_close": 4000}],
+            "identify_budget": {"remaining": 999, "total": 1000},
+            "head": 9, "oldest": 1, "bot_clients": 1,
+            "incident": {"state": "suspected", "since": "2026-11-25T10:00:00.000Z",
+                         "shards": [0, 1], "detail": "2 of 2 shards lost their connections"},
+        });
+        let text = table(&health);
+        assert!(
+            text.contains("Discord-side incident suspected since 2026-11-25T10:00:00.000Z (shards [0,1]): 2 of 2 shards"),
+            "{text}"
+        );
+        health["incident"] = Value::Null;
+        assert!(!table(&health).contains("incident"));
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::bot_server::{BotServer, BotServerConfig};
 use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
-use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState};
+use crate::hub::{Hub, IdentifyBudget, IncidentReport, SessionReport, ShardState};
 use crate::identify_queue::IdentifyQueue;
 use crate::persist::{Persister, Restored};
 use crate::rest::{self, RestErrorKind};
@@ -169,6 +169,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         .range
         .resolve(total)
         .map_err(DaemonError::config)?;
+    if !owned.contains(&0) {
+        for warning in crate::intents::shard_zero_warnings(&plan) {
+            tracing::warn!(event = %"config_warning", "{warning}");
+        }
+    }
     tracing::info!(
         shard_total = total,
         owned = owned.len(),
@@ -276,6 +281,20 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         None => JoinSet::new(),
     };
 
+    // Discord's figures, not a local count: re-read now and then, and
+    // before identifying on old ones (facts §1.1).
+    queue.set_source(
+        Arc::new(RestGatewayBot {
+            api_base: api_base.clone(),
+            token: token.clone(),
+        }),
+        &gateway,
+    );
+    tokio::spawn(
+        queue
+            .clone()
+            .refresh_loop(crate::identify_queue::REFRESH_EVERY, shutdown_rx.clone()),
+    );
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
     let mut shards = JoinSet::new();
     for &id in &owned {
@@ -341,9 +360,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 {
                     crate::telemetry::count_reconnect(class);
                 }
-                if let Some(line) = incidents.observe(&report, &hub) {
+                if let Some(incident) = incidents.observe(&report, &hub) {
                     queue.set_stretch(if incidents.active { 300 } else { 100 });
-                    hub.report(&line);
+                    hub.report_incident(&incident);
                 }
                 if !notifier.is_ready() {
                     notifier.update(&hub);
@@ -359,6 +378,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 }
                 let fatal = exits.iter().filter(|(_, e)| matches!(e, ShardExit::Fatal { .. })).count();
                 if fatal == owned.len() {
+                    hub.set_closing(
+                        crate::protocol::closing::SHUTDOWN,
+                        "every shard this daemon owns closed fatally; the daemon exits (see its log for what to fix)".to_string(),
+                    );
                     let _ = shutdown_tx.send(true);
                     let _ = server_task.await;
                     persister.abort();
@@ -382,6 +405,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     tracing::info!(
         reason,
         "shutting down: closing gateway connections resumably and saving sessions"
+    );
+    hub.set_closing(
+        crate::protocol::closing::SHUTDOWN,
+        format!(
+            "{reason}: the daemon is stopping and saving its sessions; reconnect and resume_from your last cursor"
+        ),
     );
     let _ = shutdown_tx.send(true);
     while let Some(joined) = shards.join_next().await {
@@ -442,6 +471,24 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 ),
             })
         }
+    }
+}
+
+/// `GET /gateway/bot` for the identify queue's re-reads.
+struct RestGatewayBot {
+    api_base: String,
+    token: Token,
+}
+
+impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
+    fn fetch(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<rest::GatewayBot, String>> + Send + '_>> {
+        Box::pin(async move {
+            rest::get_gateway_bot(&self.api_base, &self.token)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -520,9 +567,9 @@ impl IncidentDetector {
         (self.owned / 2 + 1).max(2)
     }
 
-    /// Feed one report; returns a diagnostic to publish when the incident
-    /// state changes.
-    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<SessionReport> {
+    /// Feed one report; returns the `incident` message to publish when the
+    /// incident state changes.
+    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<IncidentReport> {
         let now = Instant::now();
         if matches!(report.event, "closed" | "zombie") && report.class != Some("fatal") {
             self.failures.push_back((now, report.shard));
@@ -539,24 +586,25 @@ impl IncidentDetector {
         shards.dedup();
         if !self.active && self.owned >= 2 && shards.len() >= self.threshold() {
             self.active = true;
-            let mut line = SessionReport::new(shards[0], "discord_incident_suspected");
-            line.class = Some("transport");
-            line.detail = Some(format!(
+            let detail = format!(
                 "{} of {} shards lost their connections within {} s (shards {:?}): a Discord-side incident is likely; preferring resumes and slowing re-identifies",
                 shards.len(),
                 self.owned,
                 self.window.as_secs(),
                 shards
-            ));
+            );
             tracing::warn!(
                 event = %"discord_incident_suspected",
                 class = %"incident",
                 shards = shards.len(),
                 owned = self.owned,
-                "{}",
-                line.detail.as_deref().unwrap_or("")
+                "{detail}"
             );
-            return Some(line);
+            return Some(IncidentReport::new(
+                IncidentReport::SUSPECTED,
+                shards,
+                detail,
+            ));
         }
         if self.active
             && hub
@@ -566,16 +614,19 @@ impl IncidentDetector {
         {
             self.active = false;
             self.failures.clear();
-            let mut line = SessionReport::new(report.shard, "discord_incident_recovered");
-            line.detail =
-                Some("every shard is active again; normal identify pacing restored".to_string());
+            let detail = "every shard is active again; normal identify pacing restored".to_string();
             tracing::info!(
                 event = %"discord_incident_recovered",
                 class = %"incident",
-                "{}",
-                line.detail.as_deref().unwrap_or("")
+                "{detail}"
             );
-            return Some(line);
+            // The shards the incident was about.
+            let shards = hub.incident().map(|i| i.shards).unwrap_or_default();
+            return Some(IncidentReport::new(
+                IncidentReport::RECOVERED,
+                shards,
+                detail,
+            ));
         }
         None
     }
@@ -624,7 +675,9 @@ fn log_summary(hub: &Hub) {
             heartbeat_misses = s.heartbeat_misses.load(Ordering::Relaxed),
             resumes = s.resumes.load(Ordering::Relaxed),
             identifies = s.identifies.load(Ordering::Relaxed),
-            last_close = s.last_close.load(Ordering::Relaxed),
+            last_close = %s
+                .last_close()
+                .map_or(crate::status::NONE.to_string(), |c| c.to_string()),
             "shard {} is {}",
             s.shard,
             s.state().as_str()
@@ -840,6 +893,60 @@ mod tests {
             }
             ShardExit::Shutdown(None)
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn correlated_failures_are_an_incident_message_not_a_session_event() {
+        let hub = Hub::new(
+            EventLog::new(1, 1 << 20),
+            &[0, 1, 2, 3],
+            4,
+            Vec::new(),
+            HashMap::new(),
+            IdentifyBudget::default(),
+        );
+        let mut lines = hub.sessions.subscribe();
+        let mut detector = IncidentDetector::new(4);
+        let closed = |shard| {
+            let mut report = SessionReport::new(shard, "closed");
+            report.class = Some("transport");
+            report
+        };
+        assert!(detector.observe(&closed(1), &hub).is_none());
+        assert!(detector.observe(&closed(3), &hub).is_none());
+        let incident = detector.observe(&closed(2), &hub).expect("3 of 4 shards");
+        hub.report_incident(&incident);
+        let line: serde_json::Value =
+            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
+        assert_eq!(line["op"], "incident");
+        assert_eq!(line["state"], "suspected");
+        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
+        assert!(line.get("shard").is_none() && line.get("event").is_none());
+        assert!(
+            hub.shards.iter().all(|s| s.last_report().is_none()),
+            "not stamped on any shard"
+        );
+        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
+        assert_eq!(health["incident"]["state"], "suspected");
+        assert_eq!(health["incident"]["shards"], serde_json::json!([1, 2, 3]));
+
+        for s in &hub.shards {
+            s.set_state(ShardState::Active);
+        }
+        let recovered = detector
+            .observe(&SessionReport::new(2, "resumed"), &hub)
+            .expect("every shard is back");
+        hub.report_incident(&recovered);
+        let line: serde_json::Value =
+            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
+        assert_eq!(
+            (&line["op"], &line["state"]),
+            (&"incident".into(), &"recovered".into())
+        );
+        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
+        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
+        assert!(health["incident"].is_null());
+        assert_eq!(hub.incidents.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -124,6 +124,8 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let shards_active = gauge!("shardwarden_shards_active");
     let shards_owned = gauge!("shardwarden_shards_owned");
     let unforwarded = counter!("shardwarden_unforwarded_events_total");
+    let incident = gauge!("shardwarden_discord_incident");
+    let incidents = counter!("shardwarden_discord_incidents_total");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -157,5 +159,7 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
                 gauge!("shardwarden_client_ack_lag", "client" => client.client).set(lag as f64);
             }
         }
+        incident.set(if hub.incident().is_some() { 1.0 } else { 0.0 });
+        incidents.absolute(hub.incidents.load(Ordering::Relaxed));
     }
 }

@@ -302,6 +302,49 @@ async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(identifies(&sim), 0, "never spends the reserve");
     assert!(daemon.log().contains("identify budget"));
+    // The shard has never been closed: the log spells that as status does.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log().contains("shard_unhealthy") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("shard_unhealthy"))
+        .expect("line");
+    assert!(line.contains("last_close=-"), "{line}");
+    assert!(!line.contains("last_close=0"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_in_different_buckets_share_the_last_start_above_the_reserve() {
+    // One start above identify_reserve = 25, two shards in two buckets:
+    // exactly one may identify.
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            max_concurrency: 2,
+            session_start_remaining: 26,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let (mut bot, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"diag","events":["*"],"diagnostics":true,"resume_from":null}),
+    )
+    .await;
+    loop {
+        let v = bot.next_op("session").await;
+        if v["event"] == "fatal" {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(identifies(&sim), 1, "the reserve is never spent");
+    assert_eq!(sim.config().session_start_remaining, 25);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,6 +368,10 @@ async fn status_prints_a_table_and_exits_by_health() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("2/2 shards active"), "{text}");
+    assert!(
+        text.contains("; 1 bot(s) connected"),
+        "status does not count itself: {text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.contains("active")).count(),
         3,
@@ -339,6 +386,7 @@ async fn status_prints_a_table_and_exits_by_health() {
         .expect("status --json");
     let health: Value = serde_json::from_slice(&json_out.stdout).expect("json");
     assert_eq!(health["op"], "health");
+    assert_eq!(health["bot_clients"], 1);
     let missing = Command::new(BIN)
         .args(["status", "--socket", "/nonexistent/bot.sock"])
         .output()
@@ -402,6 +450,96 @@ async fn example_clients_receive_and_ack() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_clients_reconnect_quietly_after_a_clean_daemon_restart() {
+    let (sim, mut daemon, _tmp) = start(shards(2), "").await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let clients: Vec<(&str, PathBuf)> = vec![
+        ("python3", root.join("examples/python/bot.py")),
+        ("node", root.join("examples/node/bot.js")),
+    ];
+    let mut children = Vec::new();
+    for (interpreter, script) in &clients {
+        let cursor_file = daemon.dir.join(format!("{interpreter}-restart.cursor"));
+        let child = Command::new(interpreter)
+            .arg(script)
+            .arg(daemon.socket())
+            .arg("--cursor-file")
+            .arg(&cursor_file)
+            .args(["--ack-every", "1", "--max-events", "8"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run example client");
+        children.push((interpreter, cursor_file, child));
+    }
+    // Both have handled the 6 start-up events (READY and GUILD_CREATEs).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for (interpreter, cursor_file, _) in &children {
+        while std::fs::read_to_string(cursor_file)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some("6")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{interpreter} did not reach cursor 6"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    daemon.sigterm();
+    assert_eq!(daemon.wait_exit().await, 0);
+    daemon.restart();
+    // New events once the daemon is back, until both clients have had 8.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    while children
+        .iter_mut()
+        .any(|(_, _, c)| c.try_wait().expect("wait").is_none())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clients did not finish; log:\n{}",
+            daemon.log()
+        );
+        if sim
+            .connections()
+            .iter()
+            .filter(|c| !c.closed && c.resumed)
+            .count()
+            == 2
+        {
+            n += 1;
+            sim.dispatch(0, "MESSAGE_CREATE", json!({"n": n}));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (interpreter, _, child) in children {
+        let out = child.wait_with_output().expect("output");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{interpreter}: {stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("daemon closing (shutdown): reconnecting"),
+            "{interpreter}: {stdout}"
+        );
+        assert!(
+            !stderr.contains("closed the connection"),
+            "{interpreter}: {stderr}"
+        );
+        assert!(
+            stdout.lines().any(|l| l.starts_with("7 0 MESSAGE_CREATE")),
+            "{interpreter} went on after the restart: {stdout}"
+        );
+    }
+}
+
 /// Write `text` as `dir/name.toml` and run `check-config` on it.
 fn check_config(dir: &Path, name: &str, text: &str) -> std::process::Output {
     let path = dir.join(format!("{name}.toml"));
@@ -454,6 +592,37 @@ fn check_config_prints_the_plan_or_names_the_fix() {
     assert!(err.contains("line 2"), "{err}");
 }
 
+#[test]
+fn check_config_accepts_own_member_updates_and_names_what_only_shard_zero_gets() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = check_config(
+        tmp.path(),
+        "no-shard-zero",
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_CREATE\", \"GUILD_MEMBER_UPDATE\", \"ENTITLEMENT_CREATE\"]\n[shards]\ntotal = 4\nrange = \"2..4\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}{err}");
+    assert!(
+        text.contains("note: GUILD_MEMBER_UPDATE is subscribed without its intent"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "warning: ENTITLEMENT_CREATE has no guild_id, so Discord sends it only to shard 0"
+        ),
+        "{text}"
+    );
+    // The same config owning shard 0 has nothing to warn about.
+    let out = check_config(
+        tmp.path(),
+        "shard-zero",
+        "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_CREATE\", \"ENTITLEMENT_CREATE\"]\n[shards]\ntotal = 4\nrange = \"0..2\"\n[bot]\nsocket = \"/tmp/x.sock\"\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("shard 0"), "{text}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -480,6 +649,73 @@ fn metric(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_shards_failing_together_is_an_incident_for_diagnostics_bots_status_and_metrics() {
+    let port = free_port();
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 4,
+            max_concurrency: 4,
+            ..SimConfig::default()
+        },
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+    )
+    .await;
+    wait_sim(&sim, "4 sessions", |s| {
+        s.connections()
+            .iter()
+            .filter(|c| c.session_id.is_some())
+            .count()
+            == 4
+    })
+    .await;
+    let (mut diag, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"diag","events":[],"diagnostics":true,"resume_from":null}),
+    )
+    .await;
+    let (mut plain, _) = Bot::connect(
+        &daemon.socket(),
+        json!({"op":"hello","v":1,"client":"plain","events":[],"diagnostics":false,"resume_from":null}),
+    )
+    .await;
+    for shard in 0..3 {
+        sim.inject(shard, Fault::Close(4000));
+    }
+    let incident = diag.next_op("incident").await;
+    assert_eq!(incident["state"], "suspected", "{incident}");
+    assert_eq!(incident["shards"], json!([0, 1, 2]));
+    assert!(incident["at"].is_string() && incident["detail"].is_string());
+    // Never dressed up as a session event.
+    let recovered = loop {
+        let v = diag.next().await;
+        assert!(
+            !(v["op"] == "session" && v["event"].as_str().unwrap_or("").contains("incident")),
+            "{v}"
+        );
+        if v["op"] == "incident" {
+            break v;
+        }
+    };
+    assert_eq!(recovered["state"], "recovered", "{recovered}");
+    // Metrics count it; bots without diagnostics never see it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = http_get(port, "/metrics");
+        if metric(&text, "shardwarden_discord_incidents_total") == Some(1.0)
+            && metric(&text, "shardwarden_discord_incident") == Some(0.0)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    plain.send(json!({"op":"status"})).await;
+    let health = plain.next().await;
+    assert_eq!(health["op"], "health", "{health}");
+    assert!(health["incident"].is_null(), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

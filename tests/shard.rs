@@ -38,6 +38,21 @@ async fn identifies_with_token_intents_shard_and_properties() {
 }
 
 #[tokio::test]
+async fn the_websocket_upgrade_carries_the_rest_user_agent() {
+    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    h.ready().await;
+    let conn = &h.sim.connections()[0];
+    assert_eq!(
+        conn.user_agent.as_deref(),
+        Some(shardwarden::rest::USER_AGENT),
+        "same string as REST"
+    );
+    assert!(shardwarden::rest::USER_AGENT.starts_with("DiscordBot ("));
+    assert!(shardwarden::rest::USER_AGENT.ends_with(concat!(", ", env!("CARGO_PKG_VERSION"), ")")));
+    assert!(matches!(h.stop().await, ShardExit::Shutdown(Some(_))));
+}
+
+#[tokio::test]
 async fn heartbeats_carry_last_seq_and_answer_op1_at_once() {
     let mut h = start_shard(sim_config(), Compression::ZstdStream, INTENTS, None).await;
     h.ready().await;
@@ -244,6 +259,35 @@ async fn op9_false_reidentifies_on_main_url_never_resumes() {
         .find(|c| c.conn == h.frames(2)[1].conn)
         .expect("conn");
     assert_eq!(second.path, "/", "re-identify uses the main gateway URL");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reidentify_names_the_identify_queue_wait_it_will_really_take() {
+    let mut h = start_shard(sim_config(), Compression::ZlibStream, INTENTS, None).await;
+    h.ready().await;
+    h.sim.inject(0, Fault::Close(4007));
+    let closed = h.wait_report("closed").await;
+    let reported_at = std::time::Instant::now();
+    let detail = closed.detail.clone().unwrap_or_default();
+    // The IDENTIFY that started this session went out moments ago, so the
+    // bucket's 5 s, not the 20 ms backoff, decide when the next one goes.
+    assert!(!detail.contains("resum"), "{detail}");
+    assert!(
+        detail.contains("then its turn in the identify queue"),
+        "{detail}"
+    );
+    let ms: u64 = detail
+        .split("identifying in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a wait in ms");
+    assert!((4000..=5100).contains(&ms), "{detail}");
+    h.wait("the second IDENTIFY", |s| count_ops(&s.frames(), 2) == 2)
+        .await;
+    let took = reported_at.elapsed().as_millis() as u64;
+    assert!(took + 150 >= ms, "named {ms} ms, took {took} ms");
     h.stop().await;
 }
 

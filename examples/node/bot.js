@@ -5,7 +5,10 @@
 // file, prints every event as "cursor shard t", acknowledges every N events
 // and saves the cursor (atomically) after each acknowledgement. Ctrl-C /
 // SIGTERM stop it cleanly: it acknowledges what it has handled, saves the
-// cursor and exits 0.
+// cursor and exits 0. When the daemon says `closing` (a clean stop or
+// restart) the bot waits for it to come back and reconnects from its cursor,
+// quietly; a connection that ends without `closing` (the daemon crashed)
+// exits 1, so its supervisor notices.
 //
 //   node bot.js [SOCKET] [--cursor-file F] [--ack-every N] [--events A,B]
 //               [--max-events N]
@@ -59,8 +62,8 @@ let acked = resumeFrom; // newest cursor acknowledged
 let count = 0; // dispatches handled
 let welcomed = false;
 let stopping = false;
-
-const sock = net.createConnection(socketPath);
+let closing = null; // the daemon's `closing` message on this connection
+let sock = null;
 const send = (msg) => sock.write(JSON.stringify(msg) + '\n');
 
 function ack() {
@@ -96,9 +99,10 @@ function handle(msg) {
       console.log(`welcome shards=${JSON.stringify(msg.shards)} shard_total=${msg.shard_total}` +
         ` head=${msg.head} oldest=${msg.oldest} missed=${msg.missed}`);
       if (msg.missed) {
-        console.error(`warning: ${msg.missed} events after cursor ${resumeFrom}` +
+        console.error(`warning: ${msg.missed} events after cursor ${acked}` +
           ' are no longer held and will not be delivered');
       }
+      ack(); // after a reconnect: what was handled since the last ack
       break;
     case 'session': {
       const extra = ['class', 'close_code', 'seq']
@@ -113,6 +117,16 @@ function handle(msg) {
       console.log(`health shards=${states} identify_budget=${budget.remaining}/${budget.total}`);
       break;
     }
+    case 'incident':
+      // A suspected Discord-side outage (or its end), daemon-wide.
+      console.log(`incident state=${msg.state} shards=${JSON.stringify(msg.shards)}` +
+        ` detail=${msg.detail ?? ''}`);
+      break;
+    case 'closing':
+      // The daemon closes this connection on purpose (a stop or a restart);
+      // the end of the connection that follows is expected.
+      closing = msg;
+      break;
     case 'gap':
       // Events this bot fell too far behind to receive; they are gone.
       console.log(`gap from=${msg.from} to=${msg.to} missed=${msg.missed}`);
@@ -124,24 +138,49 @@ function handle(msg) {
   }
 }
 
-sock.on('connect', () => {
-  send({
-    op: 'hello', v: 1, client: 'example-node', events: opts.events.split(','),
-    diagnostics: true, resume_from: resumeFrom,
+// Connect; with `retry`, keep trying until the daemon is back.
+let delay = 200;
+function connect(retry) {
+  const s = net.createConnection(socketPath);
+  sock = s;
+  let opened = false;
+  s.on('connect', () => {
+    opened = true;
+    delay = 200;
+    send({
+      op: 'hello', v: 1, client: 'example-node', events: opts.events.split(','),
+      diagnostics: true, resume_from: handled,
+    });
   });
-});
-sock.on('error', (e) => {
-  console.error(`cannot talk to ${socketPath}: ${e.message}`);
-  if (handled > acked) saveCursor(handled); // still remember what was handled
-  process.exit(1);
-});
-readline.createInterface({ input: sock }).on('line', (line) => {
-  if (line.trim() && !stopping) handle(JSON.parse(line));
-});
-sock.on('end', () => {
-  if (stopping) return;
-  console.error('the daemon closed the connection');
-  stop(1);
-});
+  s.on('error', (e) => {
+    if (closing || (retry && !opened)) return; // 'close' reconnects
+    console.error(`cannot talk to ${socketPath}: ${e.message}`);
+    if (handled > acked) saveCursor(handled); // still remember what was handled
+    process.exit(1);
+  });
+  readline.createInterface({ input: s }).on('line', (line) => {
+    if (line.trim() && !stopping) handle(JSON.parse(line));
+  });
+  s.on('close', () => {
+    if (stopping) return;
+    if (opened && !closing) {
+      console.error('the daemon closed the connection without saying why (did it crash?)');
+      stop(1);
+      return;
+    }
+    if (closing) {
+      // A clean daemon stop or restart: remember what was handled, wait for
+      // the daemon to come back, and go on from the cursor.
+      console.log(`daemon closing (${closing.reason}): reconnecting`);
+      saveCursor(handled);
+      closing = null;
+      welcomed = false;
+    }
+    setTimeout(() => connect(true), delay);
+    delay = Math.min(delay * 2, 5000);
+  });
+}
+
+connect(false);
 process.on('SIGINT', () => stop(0));
 process.on('SIGTERM', () => stop(0));

@@ -63,13 +63,17 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 
 async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let mut target: Option<(String, String)> = None;
+    let mut target: Option<(String, String, Option<String>)> = None;
     // The callback signature is fixed by tungstenite.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| {
         target = Some((
             req.uri().path().to_string(),
             req.uri().query().unwrap_or("").to_string(),
+            req.headers()
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         ));
         Ok(resp)
     };
@@ -86,7 +90,7 @@ async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
         Ok(Some(ws)) => ws,
         _ => return,
     };
-    let (path, query) = target.unwrap_or_default();
+    let (path, query, user_agent) = target.unwrap_or_default();
 
     let (faults_tx, faults_rx) = mpsc::unbounded_channel();
     let pump = Arc::new(Notify::new());
@@ -97,6 +101,7 @@ async fn handle_conn(inner: Arc<Inner>, stream: TcpStream) {
             conn: id,
             path,
             query: query.clone(),
+            user_agent,
             shard: None,
             close_code_received: None,
             close_code_sent: None,

@@ -215,6 +215,8 @@ pub struct ConnectionInfo {
     pub path: String,
     /// Raw query string, e.g. `v=10&encoding=json&compress=zlib-stream`.
     pub query: String,
+    /// The upgrade request's `User-Agent`, if it sent one.
+    pub user_agent: Option<String>,
     /// Shard after IDENTIFY/RESUME.
     pub shard: Option<u32>,
     /// Close code the client sent in its own close frame (not an echo of ours).
