@@ -130,8 +130,8 @@ impl IdentifyQueue {
     pub fn restore(&self, saved: &crate::state::IdentifyTimes) {
         let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
         let sent_ms = self.sent_ms.read().unwrap_or_else(|p| p.into_inner());
-        let same = saved.max_concurrency as usize == buckets.len()
-            && saved.sent_ms.len() == buckets.len();
+        let same =
+            saved.max_concurrency as usize == buckets.len() && saved.sent_ms.len() == buckets.len();
         let now_ms = crate::clock::unix_millis();
         let now = Instant::now();
         for (i, bucket) in buckets.iter().enumerate() {
@@ -159,10 +159,7 @@ impl IdentifyQueue {
         let sent_ms = self.sent_ms.read().unwrap_or_else(|p| p.into_inner());
         crate::state::IdentifyTimes {
             max_concurrency: sent_ms.len() as u32,
-            sent_ms: sent_ms
-                .iter()
-                .map(|t| t.load(Ordering::Relaxed))
-                .collect(),
+            sent_ms: sent_ms.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
         }
     }
 
