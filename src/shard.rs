@@ -241,6 +241,12 @@ impl Shard {
         self.config.shard
     }
 
+    /// The command receiver back, once the actor has stopped (a shard whose
+    /// lease was lost may be started again later with the same channel).
+    pub fn into_commands(self) -> mpsc::Receiver<OutboundCommand> {
+        self.commands
+    }
+
     fn resume_state(&self) -> Option<ResumeState> {
         self.session.as_ref().map(|(id, url)| ResumeState {
             session_id: id.clone(),

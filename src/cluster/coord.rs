@@ -73,8 +73,10 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 "#;
 
-/// The IDENTIFY went out: the bucket stays taken for the window from now.
+/// The IDENTIFY went out: the bucket stays taken for the window from now,
+/// and the turn's start is no longer in flight (Discord counts it now).
 const TURN_SENT: &str = r#"
+redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
@@ -85,7 +87,10 @@ return 0
 /// Spend one session start unless that would leave the reserve or fewer:
 /// `{status, remaining, total, resets_at_ms}` with status 1 spent, 0 at the
 /// reserve, -1 unknown (never seeded), -2 the window has ended (re-read
-/// Discord's figures first).
+/// Discord's figures first). A spent start stays *in flight* (KEYS[2], a
+/// sorted set of turn tokens by expiry) until its IDENTIFY is sent, so a
+/// reconcile with Discord's figure, which does not count it yet, takes it
+/// off.
 const RESERVE_START: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 'remaining', 'total', 'resets_at_ms')
 if not r[1] or not r[2] or not r[3] then return {-1, 0, 0, 0} end
@@ -97,12 +102,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if resets <= now then return {-2, remaining, total, resets} end
 if remaining <= tonumber(ARGV[1]) then return {0, remaining, total, resets} end
 redis.call('HSET', KEYS[1], 'remaining', remaining - 1)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
 return {1, remaining - 1, total, resets}
 "#;
 
-/// Give back a start reserved for an IDENTIFY that was never sent (never
-/// past the total).
+/// Give back the start of turn ARGV[1], whose IDENTIFY was never sent
+/// (once; never past the total).
 const GIVE_BACK: &str = r#"
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return -1 end
 local r = redis.call('HMGET', KEYS[1], 'remaining', 'total')
 if not r[1] or not r[2] then return 0 end
 local remaining = tonumber(r[1])
@@ -112,11 +119,14 @@ return remaining + 1
 
 /// Discord's figures win: set them, answering what Redis held before
 /// (`{remaining, total}`, -1 when nothing). ARGV: remaining, total,
-/// resets_at_ms, in-flight starts (reserved, not yet sent: not in Discord's
-/// count yet).
+/// resets_at_ms. Starts in flight (spent, IDENTIFY not sent yet, so not in
+/// Discord's count) are taken off; those whose turn expired are forgotten.
 const RECONCILE: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 'remaining', 'total')
-local remaining = tonumber(ARGV[1]) - tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local remaining = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[2])
 if remaining < 0 then remaining = 0 end
 redis.call('HSET', KEYS[1], 'remaining', remaining, 'total', ARGV[2], 'resets_at_ms', ARGV[3])
 if not r[1] then return {-1, -1} end
@@ -385,6 +395,7 @@ impl Redis {
     ) -> Result<(), String> {
         let mut inv = self.scripts.turn_sent.prepare_invoke();
         inv.key(format!("{PREFIX}identify:{bucket}"))
+            .key(format!("{PREFIX}budget:inflight"))
             .arg(token)
             .arg(window.as_millis() as u64);
         self.invoke::<i64>(inv).await.map(|_| ())
@@ -397,10 +408,20 @@ impl Redis {
         self.invoke::<i64>(inv).await.map(|_| ())
     }
 
-    /// Spend one session start, never leaving fewer than `reserve`.
-    pub async fn reserve_start(&self, reserve: u32) -> Result<Reserve, String> {
+    /// Spend one session start for turn `token` (in flight for at most
+    /// `hold`), never leaving fewer than `reserve`.
+    pub async fn reserve_start(
+        &self,
+        reserve: u32,
+        token: &str,
+        hold: Duration,
+    ) -> Result<Reserve, String> {
         let mut inv = self.scripts.reserve_start.prepare_invoke();
-        inv.key(format!("{PREFIX}budget")).arg(reserve);
+        inv.key(format!("{PREFIX}budget"))
+            .key(format!("{PREFIX}budget:inflight"))
+            .arg(reserve)
+            .arg(token)
+            .arg(hold.as_millis() as u64);
         let r: Vec<i64> = self.invoke(inv).await?;
         let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0) as u64;
         Ok(match r.first().copied().unwrap_or(-1) {
@@ -416,10 +437,12 @@ impl Redis {
         })
     }
 
-    /// Give back a start whose IDENTIFY was never sent.
-    pub async fn give_back_start(&self) -> Result<(), String> {
+    /// Give back turn `token`'s start: its IDENTIFY was never sent.
+    pub async fn give_back_start(&self, token: &str) -> Result<(), String> {
         let mut inv = self.scripts.give_back.prepare_invoke();
-        inv.key(format!("{PREFIX}budget"));
+        inv.key(format!("{PREFIX}budget"))
+            .key(format!("{PREFIX}budget:inflight"))
+            .arg(token);
         self.invoke::<i64>(inv).await.map(|_| ())
     }
 
@@ -430,14 +453,13 @@ impl Redis {
         remaining: u32,
         total: u32,
         resets_at_ms: u64,
-        in_flight: u32,
     ) -> Result<Option<(u32, u32)>, String> {
         let mut inv = self.scripts.reconcile.prepare_invoke();
         inv.key(format!("{PREFIX}budget"))
+            .key(format!("{PREFIX}budget:inflight"))
             .arg(remaining)
             .arg(total)
-            .arg(resets_at_ms)
-            .arg(in_flight);
+            .arg(resets_at_ms);
         let r: Vec<i64> = self.invoke(inv).await?;
         Ok(match (r.first(), r.get(1)) {
             (Some(&a), Some(&b)) if a >= 0 && b >= 0 => Some((a as u32, b as u32)),
@@ -485,7 +507,7 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free port");
-        let child = std::process::Command::new(binary)
+        let mut child = std::process::Command::new(binary)
             .args([
                 "--port",
                 &port.to_string(),
@@ -506,6 +528,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("redis-server did not listen on {port}");
     }
 
@@ -602,48 +626,71 @@ mod tests {
     async fn the_budget_is_spent_atomically_and_never_below_the_reserve() {
         let Some(server) = server().await else { return };
         let a = client(&server, "host-a");
-        assert_eq!(a.reserve_start(2).await.unwrap(), Reserve::NeedFigures);
+        let hold = Duration::from_secs(30);
+        assert_eq!(
+            a.reserve_start(2, "t0", hold).await.unwrap(),
+            Reserve::NeedFigures
+        );
         let resets = crate::clock::unix_millis() + 60_000;
-        assert_eq!(a.reconcile(12, 1000, resets, 0).await.unwrap(), None);
+        assert_eq!(a.reconcile(12, 1000, resets).await.unwrap(), None);
         // Many daemons at once: exactly 10 spent, none past the reserve.
         let mut tasks = Vec::new();
         for i in 0..30 {
             let c = client(&server, &format!("h{i}"));
-            tasks.push(tokio::spawn(
-                async move { c.reserve_start(2).await.unwrap() },
-            ));
+            tasks.push(tokio::spawn(async move {
+                (i, c.reserve_start(2, &format!("t{i}"), hold).await.unwrap())
+            }));
         }
-        let mut spent = 0;
+        let mut spent = Vec::new();
         for t in tasks {
             match t.await.unwrap() {
-                Reserve::Spent { remaining, .. } => {
+                (i, Reserve::Spent { remaining, .. }) => {
                     assert!(remaining >= 2);
-                    spent += 1;
+                    spent.push(i);
                 }
-                Reserve::AtReserve { remaining, .. } => assert_eq!(remaining, 2),
-                Reserve::NeedFigures => panic!("figures are set"),
+                (_, Reserve::AtReserve { remaining, .. }) => assert_eq!(remaining, 2),
+                (_, Reserve::NeedFigures) => panic!("figures are set"),
             }
         }
-        assert_eq!(spent, 10);
-        a.give_back_start().await.unwrap();
-        assert!(matches!(
-            a.reserve_start(2).await.unwrap(),
-            Reserve::Spent { remaining: 2, .. }
-        ));
-        // Discord's figure wins; in-flight starts are taken off it.
+        assert_eq!(spent.len(), 10);
+        // Discord has not seen the 10 in-flight IDENTIFYs yet: its figure
+        // (still 12) is reduced by them, so nothing is spent twice.
         assert_eq!(
-            a.reconcile(5, 1000, resets, 1).await.unwrap(),
+            a.reconcile(12, 1000, resets).await.unwrap(),
             Some((2, 1000))
         );
         assert!(matches!(
-            a.reserve_start(2).await.unwrap(),
-            Reserve::Spent { remaining: 3, .. }
+            a.reserve_start(2, "x", hold).await.unwrap(),
+            Reserve::AtReserve { remaining: 2, .. }
         ));
-        // An ended window needs fresh figures.
-        a.reconcile(500, 1000, crate::clock::unix_millis() - 1, 0)
+        // One turn gives its start back (once only); one is sent.
+        let given = format!("t{}", spent[0]);
+        a.give_back_start(&given).await.unwrap();
+        a.give_back_start(&given).await.unwrap();
+        a.turn_sent(0, &format!("t{}", spent[1]), hold)
             .await
             .unwrap();
-        assert_eq!(a.reserve_start(2).await.unwrap(), Reserve::NeedFigures);
+        assert!(matches!(
+            a.reserve_start(2, "y", hold).await.unwrap(),
+            Reserve::Spent { remaining: 2, .. }
+        ));
+        // Discord counted the one sent (11 left); 9 are in flight ("y" too).
+        assert_eq!(
+            a.reconcile(11, 1000, resets).await.unwrap(),
+            Some((2, 1000))
+        );
+        assert!(matches!(
+            a.reserve_start(2, "z", hold).await.unwrap(),
+            Reserve::AtReserve { remaining: 2, .. }
+        ));
+        // An ended window needs fresh figures.
+        a.reconcile(500, 1000, crate::clock::unix_millis() - 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.reserve_start(2, "w", hold).await.unwrap(),
+            Reserve::NeedFigures
+        );
     }
 
     #[tokio::test]
