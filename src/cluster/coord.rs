@@ -437,6 +437,28 @@ impl Redis {
         })
     }
 
+    /// The shared budget as Redis holds it: `(remaining, total,
+    /// resets_at_ms)`, `None` before it was first set.
+    pub async fn budget(&self) -> Result<Option<(u32, u32, u64)>, String> {
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<u64>> = tokio::time::timeout(
+            self.call_timeout,
+            redis::cmd("HMGET")
+                .arg(format!("{PREFIX}budget"))
+                .arg("remaining")
+                .arg("total")
+                .arg("resets_at_ms")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(match values.as_slice() {
+            [Some(r), Some(t), Some(at)] => Some((*r as u32, *t as u32, *at)),
+            _ => None,
+        })
+    }
+
     /// Give back turn `token`'s start: its IDENTIFY was never sent.
     pub async fn give_back_start(&self, token: &str) -> Result<(), String> {
         let mut inv = self.scripts.give_back.prepare_invoke();
@@ -633,6 +655,7 @@ mod tests {
         );
         let resets = crate::clock::unix_millis() + 60_000;
         assert_eq!(a.reconcile(12, 1000, resets).await.unwrap(), None);
+        assert_eq!(a.budget().await.unwrap(), Some((12, 1000, resets)));
         // Many daemons at once: exactly 10 spent, none past the reserve.
         let mut tasks = Vec::new();
         for i in 0..30 {

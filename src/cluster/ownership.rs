@@ -249,6 +249,7 @@ impl Keeper {
             if last_save.elapsed() >= SAVE_EVERY {
                 last_save = Instant::now();
                 self.save().await;
+                self.mirror_budget().await;
             }
             self.hub
                 .cluster
@@ -262,6 +263,17 @@ impl Keeper {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e);
             }
+        }
+    }
+
+    /// Show the bot's shared session-start budget (every daemon spends it)
+    /// in this daemon's `health`, `status` and metrics.
+    async fn mirror_budget(&self) {
+        if let Ok(Some((remaining, total, resets_at_ms))) = self.redis.budget().await {
+            let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+            budget.remaining = remaining;
+            budget.total = total;
+            budget.resets_at_ms = resets_at_ms;
         }
     }
 
