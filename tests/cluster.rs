@@ -457,3 +457,43 @@ async fn a_daemon_cut_off_from_redis_stops_its_shards_before_another_can_take_th
     assert_eq!(h["cluster"]["leases"], json!([]), "{h}");
     assert!(h["cluster"]["lost"].as_u64().unwrap_or(0) >= 2, "{h}");
 }
+
+#[test]
+fn check_config_prints_the_cluster_plan_without_the_password_or_names_the_fix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |name: &str, text: &str| {
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("write");
+        std::process::Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run check-config")
+    };
+    let base = "[discord]\ntoken_env = \"X\"\nintents = [\"GUILDS\"]\nevents = [\"GUILD_CREATE\"]\n[bot]\nsocket = \"/tmp/x.sock\"\n";
+    let out = run(
+        "good",
+        &format!(
+            "{base}[shards]\nrange = \"auto\"\n[cluster]\nredis = \"redis://:s3cret@10.0.0.5:6379/0\"\nname = \"host-a\"\nlease_ttl = \"3s\"\nmax_shards = 4\n"
+        ),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("range auto (claimed through Redis leases, at most 4 shards)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cluster     Redis at redis://***@10.0.0.5:6379/0, name \"host-a\", lease_ttl 3 s (renewed every 1000 ms)"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+
+    let out = run("auto-alone", &format!("{base}[shards]\nrange = \"auto\"\n"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("[shards] range = \"auto\" needs [cluster]"),
+        "{err}"
+    );
+}

@@ -400,6 +400,19 @@ impl Keeper {
                 },
             );
             if let Some(stats) = self.hub.shard_stats(shard) {
+                // What this daemon knew of the shard from an earlier lease
+                // is stale now: the session to save is the one taken over.
+                stats.set_session(match &fresh {
+                    Some(s) => crate::hub::SessionInfo {
+                        session_id: Some(s.session_id.clone()),
+                        resume_url: Some(s.resume_url.clone()),
+                        started: None,
+                    },
+                    None => crate::hub::SessionInfo::default(),
+                });
+                stats
+                    .seq
+                    .store(fresh.as_ref().map_or(0, |s| s.seq), Ordering::Relaxed);
                 stats.fence.store(fence, Ordering::Relaxed);
                 stats.owned.store(true, Ordering::Relaxed);
             }
