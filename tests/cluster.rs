@@ -497,3 +497,89 @@ fn check_config_prints_the_cluster_plan_without_the_password_or_names_the_fix() 
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_redis_outage_leaves_running_shards_alone_and_holds_identifies_until_it_ends() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let sim = simulator(2, 1, 1000).await;
+    let proxy = Proxy::start(redis.port).await;
+    // A fixed range with [cluster]; lease_ttl 12 s: renewed every 4 s and
+    // given up 8 s after the last renewal, so a 3 s outage is always
+    // survived.
+    let (daemon, _t) = cluster_daemon(
+        &sim,
+        &format!("redis://127.0.0.1:{}/0", proxy.port),
+        "host-a",
+        |t| {
+            t["shards"]
+                .as_table_mut()
+                .expect("[shards]")
+                .insert("range".into(), "all".into());
+            t["cluster"]
+                .as_table_mut()
+                .expect("[cluster]")
+                .insert("lease_ttl".into(), "12s".into());
+        },
+    );
+    assert!(
+        sim.wait_until(|s| attached(s) == 2, Duration::from_secs(20))
+            .await,
+        "both shards ready"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let live = |s: &Simulator, shard: u32| {
+        s.connections()
+            .iter()
+            .filter(|c| c.shard == Some(shard) && !c.closed)
+            .map(|c| c.conn)
+            .collect::<Vec<_>>()
+    };
+    let shard1 = live(&sim, 1);
+    assert_eq!(shard1.len(), 1);
+    let identified = identifies(&sim);
+
+    // Redis goes away for 3 s; shard 0's session ends (4009: identify again).
+    proxy.cut();
+    assert!(sim.inject(0, shardwarden::simulator::Fault::Close(4009)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(identifies(&sim), identified, "no IDENTIFY without Redis");
+    assert!(
+        daemon.log().contains("event=identify_waiting"),
+        "the log says why: {}",
+        daemon.log()
+    );
+    let healed_at = tokio::time::Instant::now();
+    proxy.restore().await;
+    assert!(
+        sim.wait_until(|s| identifies(s) == identified + 1, Duration::from_secs(10))
+            .await,
+        "shard 0 identifies once Redis answers: {}",
+        daemon.log()
+    );
+    let frame = sim
+        .frames()
+        .into_iter()
+        .filter(|f| f.op == 2)
+        .next_back()
+        .expect("the IDENTIFY");
+    assert!(tokio::time::Instant::from(frame.at) >= healed_at);
+    // Shard 1 never noticed: same connection, lease kept.
+    assert_eq!(
+        live(&sim, 1),
+        shard1,
+        "shard 1 kept its connection: {}",
+        daemon.log()
+    );
+    assert!(
+        !daemon.log().contains("event=lease_lost"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(leases(&daemon).await, (0..2).collect());
+    assert!(
+        sim.wait_until(|s| attached(s) == 2, Duration::from_secs(5))
+            .await
+    );
+}

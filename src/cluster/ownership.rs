@@ -340,13 +340,14 @@ impl Keeper {
         let _ = self.events.send(LeaseEvent::Lost { shard });
     }
 
-    /// Take free leases, a few per round, starting at a random candidate so
-    /// daemons starting together spread the shards between them.
+    /// Take free leases, a few per round (a sixteenth of the shards, at
+    /// least 4), starting at a random candidate so daemons starting together
+    /// spread the shards between them.
     async fn claim(&mut self) {
         if self.held.len() >= self.max || self.candidates.is_empty() {
             return;
         }
-        let per_round = (self.candidates.len() / 16).max(1);
+        let per_round = (self.candidates.len() / 16).max(4);
         let start = rand::random_range(0..self.candidates.len());
         let mut claimed = 0;
         let mut attempts = 0;

@@ -165,10 +165,11 @@ impl Drop for Redis {
 
 /// A TCP proxy on a loopback port to `target`: cutting it is a network
 /// partition between a daemon and a server (connections reset, new ones
-/// refused).
+/// refused); restoring it heals the partition on the same port.
 pub struct Proxy {
     /// Listening port.
     pub port: u16,
+    target: u16,
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -179,8 +180,18 @@ impl Proxy {
             .await
             .expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
-        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let conns = tasks.clone();
+        let proxy = Proxy {
+            port,
+            target,
+            tasks: Default::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let target = self.target;
+        let conns = self.tasks.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let task = tokio::spawn(async move {
@@ -193,8 +204,7 @@ impl Proxy {
                 conns.lock().unwrap().push(task.abort_handle());
             }
         });
-        tasks.lock().unwrap().push(accept.abort_handle());
-        Proxy { port, tasks }
+        self.tasks.lock().unwrap().push(accept.abort_handle());
     }
 
     /// Cut: close the listener and every forwarded connection.
@@ -202,6 +212,18 @@ impl Proxy {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
+    }
+
+    /// Heal the partition: listen on the same port again.
+    pub async fn restore(&self) {
+        for _ in 0..100 {
+            if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                self.serve(listener);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("cannot listen on {} again", self.port);
     }
 }
 
