@@ -561,8 +561,7 @@ async fn a_short_redis_outage_leaves_running_shards_alone_and_holds_identifies_u
     let frame = sim
         .frames()
         .into_iter()
-        .filter(|f| f.op == 2)
-        .next_back()
+        .rfind(|f| f.op == 2)
         .expect("the IDENTIFY");
     assert!(tokio::time::Instant::from(frame.at) >= healed_at);
     // Shard 1 never noticed: same connection, lease kept.
