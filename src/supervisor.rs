@@ -412,6 +412,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 {
                     crate::telemetry::count_reconnect(class);
                 }
+                if cluster {
+                    // The shards this daemon runs now, not all it may lease.
+                    incidents.owned = hub.owned().count();
+                }
                 if let Some(incident) = incidents.observe(&report, &hub) {
                     queue.set_stretch(if incidents.active { 300 } else { 100 });
                     hub.report_incident(&incident);
@@ -445,9 +449,17 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 }
             },
             Some(joined) = shards.join_next() => {
-                if let Ok((id, exit, rx)) = joined {
+                if let Ok((id, exit, mut rx)) = joined {
                     if cluster {
                         stops.remove(&id);
+                        // Commands queued for the stopped actor are answered
+                        // now, not sent by whichever actor runs it next.
+                        while let Ok(command) = rx.try_recv() {
+                            let _ = command.reply.send(Err(crate::hub::SendRefusal {
+                                code: crate::protocol::code::SHARD_NOT_OWNED,
+                                message: format!("shard {id} stopped before the command was sent: this daemon no longer holds its lease"),
+                            }));
+                        }
                         receivers.insert(id, rx);
                         if let Some(resume) = pending.remove(&id)
                             && hub.shard(id).is_some()
@@ -974,6 +986,7 @@ fn reload(
             "[health] log_format",
         ),
         (n.broker != c.broker, "[broker]"),
+        (n.cluster != c.cluster, "[cluster]"),
         (n.state.dir != c.state.dir, "[state] dir"),
         (
             n.state.resume_window != c.state.resume_window,
