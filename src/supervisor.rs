@@ -238,6 +238,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         },
     ));
 
+    if config.cluster.is_some() {
+        // Owned only once leased (the keeper takes the leases).
+        for stats in &hub.shards {
+            stats.owned.store(false, Ordering::Relaxed);
+        }
+    }
     hub.log.set_not_missed(restored.not_missed.clone());
     hub.consumers.set_ttl(config.bot.consumer_ttl);
     if let Some(saved) = &restored.saved {

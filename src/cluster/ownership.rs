@@ -369,9 +369,17 @@ impl Keeper {
                 Ok(None) => continue,
                 Err(_) => return,
             };
+            let stored = match self.redis.load_session(shard).await {
+                Ok(stored) => stored,
+                // Unknown whether a session waits: give the lease back
+                // rather than identify over one.
+                Err(_) => {
+                    let _ = self.redis.release_shard(shard, fence).await;
+                    return;
+                }
+            };
             claimed += 1;
             self.hub.cluster.claims.fetch_add(1, Ordering::Relaxed);
-            let stored = self.redis.load_session(shard).await.unwrap_or(None);
             let fresh = stored.filter(|s| {
                 crate::clock::unix_millis().saturating_sub(s.saved_at_ms)
                     <= self.resume_window.as_millis() as u64
