@@ -25,7 +25,10 @@
 //!   [`commands`] routes a bot's gateway commands to the owning shard;
 //!   [`status`] is `shardwarden status`.
 //! - **Beyond one machine**: [`cluster`] (DESIGN §4): the JetStream sink and
-//!   the commands remote workers send over NATS.
+//!   the commands remote workers send over NATS; with `[cluster]`, Redis
+//!   shard leases (the supervisor starts and stops shard actors as leases
+//!   come and go), sessions kept for a takeover, and the identify queue's
+//!   buckets and budget shared by every daemon of the bot.
 //! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
 //!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
 //!   depends on it.
