@@ -486,7 +486,19 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                     }
                 }
                 let fatal = exits.iter().filter(|(_, e)| matches!(e, ShardExit::Fatal { .. })).count();
-                if (!cluster && fatal == owned.len()) || (cluster && fatal > 0 && shards.is_empty()) {
+                // With [cluster]: every shard whose lease this daemon holds
+                // closed fatally and none runs (shards stopped for a lost
+                // lease are not held, so a Redis outage never ends here).
+                let all_fatal = if cluster {
+                    shards.is_empty()
+                        && hub.owned().count() > 0
+                        && hub.owned().all(|s| {
+                            exits.iter().any(|(id, e)| *id == s.shard && matches!(e, ShardExit::Fatal { .. }))
+                        })
+                } else {
+                    fatal == owned.len()
+                };
+                if all_fatal {
                     hub.set_closing(
                         crate::protocol::closing::SHUTDOWN,
                         "every shard this daemon owns closed fatally; the daemon exits (see its log for what to fix)".to_string(),

@@ -582,3 +582,24 @@ async fn a_short_redis_outage_leaves_running_shards_alone_and_holds_identifies_u
             .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_daemon_whose_every_leased_shard_closes_fatally_exits_78() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    // MESSAGE_CONTENT is not enabled for the "app": every IDENTIFY gets 4014.
+    let sim = Simulator::start(SimConfig {
+        token: TOKEN.to_string(),
+        heartbeat_interval_ms: 500,
+        shards: 2,
+        max_concurrency: 2,
+        allowed_privileged: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let (mut daemon, _t) = cluster_daemon(&sim, &redis.url(), "host-a", |_| {});
+    assert_eq!(daemon.wait_exit().await, 78, "{}", daemon.log());
+    assert!(daemon.log().contains("4014"), "{}", daemon.log());
+}
