@@ -259,6 +259,9 @@ impl Shard {
     fn set_session(&self, info: SessionInfo) {
         self.stats.set_session(info);
         self.hub.session_changed.notify_one();
+        // With [cluster], a new session goes to Redis at once, so a
+        // takeover right after READY resumes it instead of identifying.
+        self.hub.cluster.sessions_changed.notify_one();
     }
 
     fn set_state(&self, state: ShardState) {

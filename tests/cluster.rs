@@ -603,3 +603,50 @@ async fn a_cluster_daemon_whose_every_leased_shard_closes_fatally_exits_78() {
     assert_eq!(daemon.wait_exit().await, 78, "{}", daemon.log());
     assert!(daemon.log().contains("4014"), "{}", daemon.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_of_many_shards_resumes_them_all_within_the_lease_ttl_and_a_few_seconds() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    // 32 shards over two daemons (16 buckets: two IDENTIFY rounds).
+    let sim = simulator(32, 16, 1000).await;
+    let mut daemons: Vec<_> = (0..2)
+        .map(|i| cluster_daemon(&sim, &redis.url(), &format!("host-{i}"), |_| {}))
+        .collect();
+    assert!(
+        sim.wait_until(|s| attached(s) == 32, Duration::from_secs(40))
+            .await,
+        "32 shards ready"
+    );
+    let held = leases(&daemons[0].0).await;
+    assert!(!held.is_empty(), "both daemons hold shards");
+    // Sessions go to Redis as they start; give the last READYs a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conns_before = sim.connections().len();
+    let killed_at = tokio::time::Instant::now();
+    daemons[0].0.child.kill().expect("kill -9");
+    let _ = daemons[0].0.child.wait();
+    let resumed = |s: &Simulator| {
+        held.iter().all(|&shard| {
+            s.connections()
+                .iter()
+                .skip(conns_before)
+                .any(|c| c.shard == Some(shard as u32) && c.resumed && !c.closed)
+        })
+    };
+    assert!(
+        sim.wait_until(resumed, LEASE_TTL + Duration::from_secs(5))
+            .await,
+        "all {} shards of the killed daemon resumed: {}",
+        held.len(),
+        daemons[1].0.log()
+    );
+    eprintln!(
+        "failover of {} shards: all resumed {:?} after kill -9 (lease_ttl {LEASE_TTL:?})",
+        held.len(),
+        killed_at.elapsed()
+    );
+    assert_eq!(identifies(&sim), 32, "no IDENTIFY");
+    assert_eq!(leases(&daemons[1].0).await, (0..32).collect());
+}

@@ -72,6 +72,9 @@ pub struct ClusterStats {
     pub sessions_saved: AtomicU64,
     /// Why the last Redis call failed.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// A shard's session started or ended: written to Redis at once rather
+    /// than at the next once-a-second save.
+    pub sessions_changed: tokio::sync::Notify,
 }
 
 /// `health.cluster`.
@@ -222,18 +225,26 @@ impl Keeper {
         let mut last_claim: Option<Instant> = None;
         let mut last_save = Instant::now();
         let mut waiting_logged: Option<Instant> = None;
+        // The last round took all it could: more leases may be free (a
+        // takeover), so look again at the next tick.
+        let mut claim_more = false;
+        let hub = self.hub.clone();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                _ = hub.cluster.sessions_changed.notified() => {
+                    self.save_changed(true).await;
+                    continue;
+                }
                 _ = shutdown.changed() => return self,
             }
             if *shutdown.borrow() {
                 return self;
             }
             self.renew().await;
-            if last_claim.is_none_or(|at| at.elapsed() >= self.renew_every()) {
+            if claim_more || last_claim.is_none_or(|at| at.elapsed() >= self.renew_every()) {
                 last_claim = Some(Instant::now());
-                self.claim().await;
+                claim_more = self.claim().await;
                 if self.held.is_empty()
                     && !self.redis.is_up()
                     && waiting_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
@@ -343,9 +354,10 @@ impl Keeper {
     /// Take free leases, a few per round (a sixteenth of the shards, at
     /// least 4), starting at a random candidate so daemons starting together
     /// spread the shards between them.
-    async fn claim(&mut self) {
+    /// `true` when the round took as many as a round may.
+    async fn claim(&mut self) -> bool {
         if self.held.len() >= self.max || self.candidates.is_empty() {
-            return;
+            return false;
         }
         let per_round = (self.candidates.len() / 16).max(4);
         let start = rand::random_range(0..self.candidates.len());
@@ -367,7 +379,7 @@ impl Keeper {
             let fence = match self.redis.claim_shard(shard, self.ttl).await {
                 Ok(Some(fence)) => fence,
                 Ok(None) => continue,
-                Err(_) => return,
+                Err(_) => return false,
             };
             let stored = match self.redis.load_session(shard).await {
                 Ok(stored) => stored,
@@ -375,7 +387,7 @@ impl Keeper {
                 // rather than identify over one.
                 Err(_) => {
                     let _ = self.redis.release_shard(shard, fence).await;
-                    return;
+                    return false;
                 }
             };
             claimed += 1;
@@ -435,6 +447,7 @@ impl Keeper {
                 }),
             });
         }
+        claimed >= per_round
     }
 
     /// The held shards' live sessions, each at the seq a successor resumes
@@ -489,13 +502,22 @@ impl Keeper {
 
     /// Write the sessions that changed since the last write.
     async fn save(&mut self) {
+        self.save_changed(false).await;
+    }
+
+    /// Write the sessions that changed since the last write; with
+    /// `new_only`, only those whose session itself changed (started or
+    /// ended), not just its seq.
+    async fn save_changed(&mut self, new_only: bool) {
         let changed: Vec<(u32, u64, Option<StoredSession>)> = self
             .live_sessions(None)
             .into_iter()
             .filter_map(|(shard, session)| {
                 let held = self.held.get(&shard)?;
                 let key = session.as_ref().map(|s| (s.session_id.clone(), s.seq));
-                (key != held.saved).then_some((shard, held.fence, session))
+                let id_changed = key.as_ref().map(|k| &k.0) != held.saved.as_ref().map(|k| &k.0);
+                (key != held.saved && (id_changed || !new_only))
+                    .then_some((shard, held.fence, session))
             })
             .collect();
         self.write(changed).await;
