@@ -87,7 +87,9 @@ pub struct IdentifyQueue {
     reserved: Arc<AtomicU32>,
     /// `/gateway/bot`, once the supervisor attaches it.
     source: OnceLock<Arc<dyn GatewayBotSource>>,
-    /// When the figures were last read from Discord; one reader at a time.
+    /// When `/gateway/bot` was last asked (answered or not, so an outage
+    /// costs each IDENTIFY at most one slow request per [`STALE_AFTER`]);
+    /// one request at a time.
     refreshed: Mutex<Option<Instant>>,
     /// Discord's recommended shard count as last read.
     recommended_shards: AtomicU32,
@@ -102,6 +104,8 @@ pub struct IdentifyQueue {
 pub enum Refresh {
     /// Discord's figures are in use now.
     Applied,
+    /// Asked recently enough; not asked again.
+    Recent,
     /// No source attached (embedded use, tests).
     NoSource,
     /// The request failed; the figures held are unchanged.
@@ -377,7 +381,7 @@ impl IdentifyQueue {
                         tokio::time::sleep(BUDGET_REMINDER).await;
                     }
                     match self.refresh().await {
-                        Refresh::Applied => {}
+                        Refresh::Applied | Refresh::Recent => {}
                         // Embedded without a source: the window has reset.
                         Refresh::NoSource => self.refill(),
                         Refresh::Failed => {
@@ -456,7 +460,7 @@ impl IdentifyQueue {
         }
         let mut refreshed = self.refreshed.lock().await;
         if refreshed.is_some_and(|at| at.elapsed() < age) {
-            return Refresh::Applied;
+            return Refresh::Recent;
         }
         self.fetch_and_apply(&mut refreshed).await
     }
@@ -474,13 +478,14 @@ impl IdentifyQueue {
         let Some(source) = self.source.get() else {
             return Refresh::NoSource;
         };
-        match tokio::time::timeout(REFRESH_TIMEOUT, source.fetch()).await {
+        let outcome = tokio::time::timeout(REFRESH_TIMEOUT, source.fetch()).await;
+        *refreshed = Some(Instant::now());
+        match outcome {
             Ok(Ok(info)) => {
                 self.apply(&info);
                 if let Some(redis) = self.cluster.get() {
                     self.reconcile_cluster(redis, &info).await;
                 }
-                *refreshed = Some(Instant::now());
                 Refresh::Applied
             }
             Ok(Err(e)) => {
@@ -862,13 +867,22 @@ mod tests {
     struct Script {
         info: std::sync::Mutex<GatewayBot>,
         calls: AtomicU32,
+        /// Answer with an error instead.
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl GatewayBotSource for Script {
         fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<GatewayBot, String>> + Send + '_>> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             let info = self.info.lock().unwrap().clone();
-            Box::pin(async move { Ok(info) })
+            let down = self.down.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if down {
+                    Err("HTTP 503".to_string())
+                } else {
+                    Ok(info)
+                }
+            })
         }
     }
 
@@ -889,6 +903,7 @@ mod tests {
         let script = Arc::new(Script {
             info: std::sync::Mutex::new(discord),
             calls: AtomicU32::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
         });
         queue.set_source(script.clone(), &seeded_from);
         script
@@ -1022,6 +1037,31 @@ mod tests {
         assert_eq!(hub.budget.lock().unwrap().remaining, 25);
         assert!(!waiter.is_finished());
         waiter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_gateway_bot_is_asked_once_a_minute_not_per_identify() {
+        let hub = hub(1000, 1000, 86_400_000);
+        let queue = IdentifyQueue::new(4, 25, hub.clone());
+        let script = script(
+            &queue,
+            gateway_bot(1000, 1000, 4),
+            gateway_bot(1000, 1000, 4),
+        );
+        script.down.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        for shard in 0..4 {
+            queue.acquire(shard).await.sent();
+        }
+        assert_eq!(script.calls.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            hub.budget.lock().unwrap().remaining,
+            996,
+            "the figures held"
+        );
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        queue.acquire(0).await.sent();
+        assert_eq!(script.calls.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

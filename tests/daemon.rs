@@ -336,7 +336,13 @@ async fn shards_in_different_buckets_share_the_last_start_above_the_reserve() {
         json!({"op":"hello","v":1,"client":"diag","events":["*"],"diagnostics":true,"resume_from":null}),
     )
     .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no fatal report; identifies: {}",
+            identifies(&sim)
+        );
         let v = bot.next_op("session").await;
         if v["event"] == "fatal" {
             break;
@@ -697,7 +703,9 @@ async fn many_shards_failing_together_is_an_incident_for_diagnostics_bots_status
     assert_eq!(incident["shards"], json!([0, 1, 2]));
     assert!(incident["at"].is_string() && incident["detail"].is_string());
     // Never dressed up as a session event.
+    let deadline = tokio::time::Instant::now() + WAIT;
     let recovered = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no recovery");
         let v = diag.next().await;
         assert!(
             !(v["op"] == "session" && v["event"].as_str().unwrap_or("").contains("incident")),

@@ -218,8 +218,15 @@ impl Bot {
         serde_json::from_str(&line).expect("json line")
     }
 
+    /// The next message with this `op`, within [`WAIT`] (diagnostics
+    /// bots get `health` every second, so waiting per line is not enough).
     pub async fn next_op(&mut self, op: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {op} message within {WAIT:?}"
+            );
             let v = self.next().await;
             if v["op"] == op {
                 return v;
