@@ -30,6 +30,8 @@ if [ "${1:-}" != "--table-only" ]; then
     run hotpath
     run twilight
     run e2e -- blast replay latency memory startup
+    run broker
+    run frontdoor
     load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "INFO load average before ${load_before}, after ${load_after}; benchmarks took $(($(date +%s) - start)) s" >>"$results"
 fi
@@ -98,6 +100,11 @@ END {
     if (has("lat_daemon_p50_us")) row("  simulator -> bot via daemon, p50 / p99", f(R["lat_daemon_p50_us"], 0) " / " f(R["lat_daemon_p99_us"], 0) " us", "-", "-", "-", "-")
     if (has("lat_direct_p50_us")) row("  simulator -> direct client, p50 / p99", f(R["lat_direct_p50_us"], 0) " / " f(R["lat_direct_p99_us"], 0) " us", "-", "-", "-", "-")
     if (has("startup_s")) row("start-up, 8 shards, max_concurrency 2 (limit 20 s)", f(R["startup_s"], 2) " s", "-", "-", "<= 1.02x limit", yes(R["startup_ratio"] <= 1.02))
+    if (has("frontdoor_fanout_0_cpu_us")) row("drop-in: daemon CPU, socket bot alone / +1 / +4 clients", f(R["frontdoor_fanout_0_cpu_us"], 2) " / " f(R["frontdoor_fanout_1_cpu_us"], 2) " / " f(R["frontdoor_fanout_4_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
+    if (has("frontdoor_4_client_extra_cpu_us")) row("  extra CPU per event per drop-in client (4 clients)", f(R["frontdoor_4_client_extra_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
+    if (has("frontdoor_identify_to_last_guild_create_ms")) row("drop-in: IDENTIFY to last of 1000 GUILD_CREATEs", f(R["frontdoor_identify_to_last_guild_create_ms"], 1) " ms", "-", "-", "-", "-")
     if (has("startup_overhead_ms")) row("  beyond the 15 s floor (last bucket round)", f(R["startup_overhead_ms"], 0) " ms", "-", "-", "-", "-")
+    if (has("broker_with_jetstream_cpu_us")) row("daemon CPU/event, socket + JetStream (socket only " f(R["broker_socket_only_cpu_us"], 2) ")", f(R["broker_with_jetstream_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
+    if (has("broker_jetstream_eps")) row("  events/s stored by JetStream (socket bot " f(R["broker_socket_eps"], 0) ")", f(R["broker_jetstream_eps"], 0) " ev/s", "-", "-", "-", "-")
 }
 ' "$results"

@@ -195,6 +195,9 @@ pub struct ShardStats {
     /// The fencing token of this daemon's lease on the shard (0 = none, or
     /// no `[cluster]`).
     pub fence: AtomicU64,
+    /// `d` of the session's READY as Discord sent it: the front door builds
+    /// each drop-in client's READY from it (DESIGN.md §5).
+    ready: Mutex<Option<Bytes>>,
 }
 
 /// The session a shard holds.
@@ -240,12 +243,23 @@ impl ShardStats {
             last_report: Mutex::new(None),
             owned: std::sync::atomic::AtomicBool::new(true),
             fence: AtomicU64::new(0),
+            ready: Mutex::new(None),
         }
     }
 
     /// Whether this daemon runs the shard now.
     pub fn is_owned(&self) -> bool {
         self.owned.load(Ordering::Relaxed)
+    }
+
+    /// Keep the raw `d` of this shard's READY (once per session).
+    pub fn set_ready(&self, d: &[u8]) {
+        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(Bytes::copy_from_slice(d));
+    }
+
+    /// The raw `d` of this shard's latest READY, if one arrived.
+    pub fn ready(&self) -> Option<Bytes> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The latest session line about this shard.
@@ -432,6 +446,9 @@ pub struct Hub {
     /// How often diagnostics bots get `health` (ms; 0 = the bot server's
     /// configured default). Changed by a SIGHUP reload.
     health_interval_ms: AtomicU64,
+    /// The drop-in front door's state cache and sessions, when `[proxy]` is
+    /// set (shards feed the cache; `health` lists the sessions).
+    pub frontdoor: std::sync::OnceLock<Arc<crate::frontdoor::Shared>>,
     /// The suspected Discord-side incident in progress, if any.
     incident: Mutex<Option<IncidentReport>>,
     /// Why the daemon is about to close bot sockets (`closing` reason and
@@ -476,6 +493,7 @@ impl Hub {
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
             health_interval_ms: AtomicU64::new(0),
+            frontdoor: std::sync::OnceLock::new(),
             incident: Mutex::new(None),
             closing: Mutex::new(None),
             incidents: AtomicU64::new(0),
@@ -637,6 +655,7 @@ impl Hub {
             ring_bytes,
             ring_events,
             bot_clients: self.bot_clients.load(Ordering::Relaxed),
+            dropin: self.frontdoor.get().map(|f| f.sessions.health()),
             clients: self.consumers.view(head),
             unforwarded: self.unforwarded.load(Ordering::Relaxed),
             broker: self.broker.view(head),
@@ -678,6 +697,9 @@ struct HealthMessage {
     ring_bytes: usize,
     ring_events: usize,
     bot_clients: u32,
+    /// Drop-in front door sessions (only when `[proxy]` is on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropin: Option<Vec<crate::frontdoor::DropinHealth>>,
     /// Each bot client's ack and lag (DESIGN §3.3).
     clients: Vec<crate::consumers::ConsumerView>,
     /// Events not forwarded because the state directory could not be written.

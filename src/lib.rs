@@ -1,61 +1,46 @@
 //! shardwarden: a daemon that holds a Discord bot's gateway sessions and
-//! hands every event to the bot over a local Unix socket.
+//! hands every event to the bot over a local Unix socket, to unmodified bot
+//! libraries through a Discord-compatible front door, and to workers on
+//! other hosts through NATS JetStream.
 //!
-//! Read the modules in the order data flows:
+//! The folders are the parts, in the order data flows:
 //!
-//! - **Discord facts**: [`gateway`] (opcodes, the close-code table and its
-//!   classes, limits) and [`intents`] (the intent ↔ event table). Everything
-//!   else asks these tables rather than repeating them.
-//! - **Configuration**: [`config`] parses and validates the TOML of
-//!   DESIGN.md §2; [`check`] is `shardwarden check-config`.
-//! - **Shard**: [`shard`] is the actor that owns one gateway session. It uses
-//!   [`compression`] (one inflate context per connection), [`envelope`]
-//!   (parses `op`/`s`/`t` only; `d` stays raw bytes), [`heartbeat`] (timing and
-//!   zombie detection) and [`ratelimit`] (the 120/60 s send limit).
-//! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
-//!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets and
-//!   the session-start budget), restarts crashed actors, detects incidents and
-//!   persists sessions, the cursor lease, acks and identify times through
-//!   [`persist`] (what and when) and [`state`] (the file).
-//! - **Event log and bot server**: [`hub`] is what the parts share (shard
-//!   statistics, session reports, command channels); [`event_log`] numbers
-//!   every dispatch with a cursor and keeps the replay ring; [`consumers`]
-//!   keeps each bot client's ack (the resume point); [`bot_server`]
-//!   serves the bot protocol of DESIGN.md §3 ([`protocol`]) on a Unix socket;
-//!   [`commands`] routes a bot's gateway commands to the owning shard;
-//!   [`status`] is `shardwarden status`.
-//! - **Beyond one machine**: [`cluster`] (DESIGN §4): the JetStream sink and
-//!   the commands remote workers send over NATS; with `[cluster]`, Redis
-//!   shard leases (the supervisor starts and stops shard actors as leases
-//!   come and go), sessions kept for a takeover, and the identify queue's
-//!   buckets and budget shared by every daemon of the bot.
-//! - **Simulator**: [`simulator`] is an embedded, scriptable Discord used by
-//!   [`demo`], the tests and the benchmarks. It stands apart: the daemon never
-//!   depends on it.
-pub mod bot_server;
-pub mod check;
-pub mod clock;
+//! - [`upstream`]: Discord's side. The facts tables ([`gateway`],
+//!   [`intents`]), the [`shard`] actor (one per gateway session), the
+//!   [`identify_queue`] and the [`supervisor`] that plans, starts and
+//!   restarts shards and wires everything together.
+//! - [`hub`]: what the parts share (shard statistics, session reports,
+//!   command channels, the event log).
+//! - [`bots`]: the [`event_log`] (cursors and the replay ring), each bot
+//!   client's acks ([`consumers`]), the Unix-socket [`bot_server`] and its
+//!   [`protocol`] (DESIGN §3), and [`commands`] routing.
+//! - [`frontdoor`]: unmodified bot libraries connect as if shardwarden were
+//!   Discord (DESIGN §5, §6), served from the state cache and the event log.
+//! - [`cluster`]: beyond one machine (DESIGN §4): the JetStream sink and
+//!   commands from remote workers; with `[cluster]`, Redis shard leases (the
+//!   supervisor starts and stops shard actors as leases come and go),
+//!   sessions kept for a takeover, and the identify queue's buckets and
+//!   budget shared by every daemon of the bot.
+//! - [`ops`]: configuration, `check-config`, the state directory
+//!   ([`persist`], [`state`]), `status`, metrics, systemd, the demo.
+//! - [`simulator`]: an embedded, scriptable Discord used by the demo, the
+//!   tests and the benchmarks. It stands apart: the daemon never depends on
+//!   it.
+//!
+//! Each module is also reachable by its short name at the crate root (e.g.
+//! `shardwarden::shard`), which is how the rest of the code refers to them.
+
+pub mod bots;
 pub mod cluster;
-pub mod commands;
-pub mod compression;
-pub mod config;
-pub mod consumers;
-pub mod demo;
-pub mod envelope;
-pub mod event_log;
-pub mod gateway;
-pub mod heartbeat;
+pub mod frontdoor;
 pub mod hub;
-pub mod identify_queue;
-pub mod intents;
-pub mod persist;
-pub mod protocol;
-pub mod ratelimit;
-pub mod rest;
-pub mod shard;
+pub mod ops;
 pub mod simulator;
-pub mod state;
-pub mod status;
-pub mod supervisor;
-pub mod systemd;
-pub mod telemetry;
+pub mod upstream;
+
+pub use bots::{bot_server, commands, consumers, event_log, protocol};
+pub use ops::{check, clock, config, demo, persist, state, status, systemd, telemetry};
+pub use upstream::{
+    compression, envelope, gateway, heartbeat, identify_queue, intents, ratelimit, rest, shard,
+    supervisor,
+};

@@ -45,6 +45,23 @@ impl Daemon {
     }
 
     pub fn start_with(sim: &Simulator, ring: &str, compression: &str) -> Daemon {
+        Self::start_full(
+            sim,
+            ring,
+            compression,
+            r#"["READY", "GUILD_CREATE", "MESSAGE_CREATE"]"#,
+            "",
+        )
+    }
+
+    /// Any `events` list and extra TOML (e.g. a `[proxy]` section).
+    pub fn start_full(
+        sim: &Simulator,
+        ring: &str,
+        compression: &str,
+        events: &str,
+        extra: &str,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path();
         let config = format!(
@@ -53,7 +70,7 @@ impl Daemon {
 token_env = "SW_BENCH_TOKEN"
 api_base = "{api}"
 intents = ["GUILDS", "GUILD_MESSAGES", "MESSAGE_CONTENT"]
-events = ["READY", "GUILD_CREATE", "MESSAGE_CREATE"]
+events = {events}
 compression = "{compression}"
 
 [shards]
@@ -69,6 +86,8 @@ log_interval = "60s"
 
 [state]
 dir = "{dir}/state"
+
+{extra}
 "#,
             api = sim.api_base(),
             shards = sim.config().shards,

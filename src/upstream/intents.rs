@@ -651,13 +651,6 @@ impl fmt::Display for IntentError {
                 }
             }
             IntentError::UnknownEvent { name, suggestion } => {
-                if name == "*" {
-                    return write!(
-                        f,
-                        "\"*\" in {EVENTS_KEY} is not supported: list the events the bot \
-                         handles explicitly, e.g. [\"GUILD_CREATE\", \"MESSAGE_CREATE\"]"
-                    );
-                }
                 write!(f, "unknown event \"{name}\" in {EVENTS_KEY}")?;
                 if let Some(i) = intent(name) {
                     write!(
@@ -751,6 +744,23 @@ pub fn plan(intents: &[String], events: &[String]) -> Result<IntentPlan, Vec<Int
         }
     }
     declared.sort_by_key(|i| i.bit);
+
+    // `["*"]`: every event the declared intents deliver, and those that
+    // need none (what a drop-in library expects to see, DESIGN.md §5).
+    let star: Vec<String>;
+    let events = if events.iter().any(|e| e == "*") {
+        star = ALL_EVENTS
+            .iter()
+            .filter(|e| {
+                let by = intents_for_event(e);
+                by.is_empty() || by.iter().any(|i| declared.contains(i))
+            })
+            .map(|e| e.to_string())
+            .collect();
+        &star[..]
+    } else {
+        events
+    };
 
     // Events: check names, dedupe, check delivery.
     let mut subscribed: Vec<String> = Vec::new();
@@ -1368,26 +1378,37 @@ mod tests {
     }
 
     #[test]
-    fn star_is_not_an_event() {
-        let errors = err(&["GUILDS"], &["*"]);
-        assert_eq!(
-            errors,
-            [IntentError::UnknownEvent {
-                name: "*".into(),
-                suggestion: None,
-            }]
-        );
-        let msg = errors[0].to_string();
-        assert!(msg.contains("list the events"), "{msg}");
+    fn star_means_every_event_the_intents_deliver() {
+        let p = ok(&["GUILDS", "GUILD_MESSAGES"], &["*"]);
+        for event in [
+            "GUILD_CREATE",
+            "CHANNEL_CREATE",
+            "MESSAGE_CREATE",
+            "READY",
+            "RESUMED",
+        ] {
+            assert!(
+                p.events.iter().any(|e| e == event),
+                "{event}: {:?}",
+                p.events
+            );
+        }
+        for event in ["PRESENCE_UPDATE", "TYPING_START", "GUILD_MEMBER_ADD"] {
+            assert!(!p.events.iter().any(|e| e == event), "{event}");
+        }
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let everything: Vec<&str> = INTENTS.iter().map(|i| i.name).collect();
+        assert_eq!(ok(&everything, &["*"]).events.len(), ALL_EVENTS.len());
+        assert_eq!(ok(&[], &["*"]).events.len(), NO_INTENT_EVENTS.len());
     }
 
     #[test]
     fn all_errors_are_collected() {
         let errors = err(
             &["GUILD_MESAGES", "NOPE"],
-            &["MESAGE_CREATE", "PRESENCE_UPDATE", "READY", "*"],
+            &["MESAGE_CREATE", "PRESENCE_UPDATE", "READY"],
         );
-        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert_eq!(errors.len(), 4, "{errors:#?}");
         assert!(matches!(errors[0], IntentError::UnknownIntent { .. }));
         assert!(matches!(
             errors[1],
@@ -1400,7 +1421,6 @@ mod tests {
         assert!(
             matches!(&errors[3], IntentError::Undeliverable { event, .. } if event == "PRESENCE_UPDATE")
         );
-        assert!(matches!(&errors[4], IntentError::UnknownEvent { name, .. } if name == "*"));
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub mod code {
     pub const UNSUBSCRIBED_EVENT: &str = "unsubscribed_event";
     /// `send` with an opcode that is not a bot command.
     pub const OP_NOT_ALLOWED: &str = "op_not_allowed";
-    /// `send` whose serialized payload is over [`MAX_SEND_PAYLOAD`] bytes.
+    /// `send` whose serialized payload is over [`crate::gateway::MAX_SEND_PAYLOAD`] bytes.
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// `send` to (or routed to) a shard this daemon does not own.
     pub const SHARD_NOT_OWNED: &str = "shard_not_owned";

@@ -480,7 +480,8 @@ impl Endpoint {
     }
 }
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+/// TLS to Discord: webpki roots, ring, HTTP/1.1 by ALPN (also the front door's REST forward).
+pub(crate) fn tls_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -158,7 +158,7 @@ impl SavedState {
 }
 
 /// Add the inclusive range `(from, to)` to sorted, merged `ranges`, keeping
-/// at most [`MAX_NOT_MISSED`] (the oldest go first).
+/// at most 64 (the oldest go first).
 pub fn add_range(ranges: &mut Vec<(u64, u64)>, from: u64, to: u64) {
     if from > to {
         return;
@@ -336,7 +336,7 @@ impl StateStore {
 
 /// Run blocking file I/O on a plain thread (not tokio's blocking pool, whose
 /// threads the runtime waits for at exit) and give up after `timeout`.
-async fn off_thread<T: Send + 'static>(
+pub(crate) async fn off_thread<T: Send + 'static>(
     timeout: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {

@@ -555,8 +555,8 @@ struct ClientCount<'a> {
     hub: &'a Hub,
     /// The key this connection's acks go under.
     consumer: String,
-    /// Counted in `bot_clients` (`shardwarden status` asking is not a bot
-    /// connecting).
+    /// Counted in `hub.bot_clients` (`shardwarden status` asking is not a
+    /// bot connecting).
     counted: bool,
 }
 

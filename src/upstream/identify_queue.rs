@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
@@ -72,9 +72,8 @@ pub struct IdentifyQueue {
     /// Discord changes `max_concurrency`).
     buckets: RwLock<Vec<Bucket>>,
     /// Last IDENTIFY sent per bucket, as unix ms (0 = never), for the state
-    /// file: the 5 s spacing must hold across daemon restarts too. Replaced
-    /// with `buckets`.
-    sent_ms: RwLock<Arc<[AtomicU64]>>,
+    /// file: the 5 s spacing must hold across daemon restarts too.
+    sent_ms: Arc<std::sync::Mutex<Vec<u64>>>,
     /// Woken whenever an IDENTIFY goes out (the persister saves its time).
     identified: Arc<Notify>,
     /// Identifies never spent (changeable on SIGHUP).
@@ -117,7 +116,10 @@ impl IdentifyQueue {
     pub fn new(max_concurrency: u32, reserve: u32, hub: Arc<Hub>) -> Self {
         IdentifyQueue {
             buckets: RwLock::new(new_buckets(max_concurrency, None)),
-            sent_ms: RwLock::new(new_sent_ms(max_concurrency)),
+            sent_ms: Arc::new(std::sync::Mutex::new(vec![
+                0;
+                max_concurrency.max(1) as usize
+            ])),
             identified: Arc::new(Notify::new()),
             reserve: AtomicU32::new(reserve),
             stretch_percent: AtomicU32::new(100),
@@ -137,7 +139,7 @@ impl IdentifyQueue {
     /// acquires a turn.
     pub fn restore(&self, saved: &crate::state::IdentifyTimes) {
         let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
-        let sent_ms = self.sent_ms.read().unwrap_or_else(|p| p.into_inner());
+        let mut sent_ms = self.sent_ms.lock().unwrap_or_else(|p| p.into_inner());
         let same =
             saved.max_concurrency as usize == buckets.len() && saved.sent_ms.len() == buckets.len();
         let now_ms = crate::clock::unix_millis();
@@ -151,7 +153,7 @@ impl IdentifyQueue {
             if at_ms == 0 {
                 continue;
             }
-            sent_ms[i].store(at_ms, Ordering::Relaxed);
+            sent_ms[i] = at_ms;
             // A clock that went backwards counts as "just now".
             let age = Duration::from_millis(now_ms.saturating_sub(at_ms));
             if age < IDENTIFY_INTERVAL * 4
@@ -164,10 +166,14 @@ impl IdentifyQueue {
 
     /// Each bucket's last IDENTIFY, for the state file.
     pub fn times(&self) -> crate::state::IdentifyTimes {
-        let sent_ms = self.sent_ms.read().unwrap_or_else(|p| p.into_inner());
+        let sent_ms = self
+            .sent_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         crate::state::IdentifyTimes {
             max_concurrency: sent_ms.len() as u32,
-            sent_ms: sent_ms.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
+            sent_ms,
         }
     }
 
@@ -304,15 +310,8 @@ impl IdentifyQueue {
 
     /// The bucket `shard` identifies in (`shard % max_concurrency`).
     fn bucket(&self, shard: u32) -> Bucket {
-        self.bucket_at(shard).1
-    }
-
-    /// `shard`'s bucket index, the bucket, and the times it is saved in.
-    fn bucket_at(&self, shard: u32) -> (usize, Bucket, Arc<[AtomicU64]>) {
         let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
-        let index = shard as usize % buckets.len();
-        let sent_ms = self.sent_ms.read().unwrap_or_else(|p| p.into_inner());
-        (index, buckets[index].clone(), sent_ms.clone())
+        buckets[shard as usize % buckets.len()].clone()
     }
 
     /// How long until `shard`'s bucket could next grant a turn, and whether
@@ -339,8 +338,11 @@ impl IdentifyQueue {
     /// instead of spending. The bucket stays taken until the permit is
     /// marked sent; a permit dropped unsent gives its session start back.
     pub async fn acquire(&self, shard: u32) -> IdentifyPermit {
-        let (index, bucket, sent_ms) = self.bucket_at(shard);
-        let last = bucket.lock_owned().await;
+        let index = {
+            let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
+            shard as usize % buckets.len()
+        };
+        let last = self.bucket(shard).lock_owned().await;
         loop {
             if let Some(at) = *last {
                 tokio::time::sleep_until(at + self.interval() + MARGIN).await;
@@ -361,7 +363,7 @@ impl IdentifyQueue {
                         last,
                         reserved: reserved.then(|| self.reserved.clone()),
                         hub: self.hub.clone(),
-                        sent_ms,
+                        sent_ms: self.sent_ms.clone(),
                         index,
                         identified: self.identified.clone(),
                         cluster,
@@ -600,17 +602,11 @@ impl IdentifyQueue {
             .max()
             .flatten();
         *buckets = new_buckets(max_concurrency, latest);
-        let mut sent_ms = self.sent_ms.write().unwrap_or_else(|p| p.into_inner());
-        let latest_ms = sent_ms
-            .iter()
-            .map(|t| t.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
-        let fresh = new_sent_ms(max_concurrency);
-        for t in fresh.iter() {
-            t.store(latest_ms, Ordering::Relaxed);
-        }
-        *sent_ms = fresh;
+        // The saved times follow the new numbering: every bucket as late as
+        // the latest old one.
+        let mut sent_ms = self.sent_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = sent_ms.iter().copied().max().unwrap_or(0);
+        *sent_ms = vec![newest; max_concurrency.max(1) as usize];
     }
 
     /// Re-read `/gateway/bot` every `every` until shutdown.
@@ -638,26 +634,20 @@ fn new_buckets(max_concurrency: u32, last: Option<Instant>) -> Vec<Bucket> {
         .collect()
 }
 
-fn new_sent_ms(max_concurrency: u32) -> Arc<[AtomicU64]> {
-    (0..max_concurrency.max(1))
-        .map(|_| AtomicU64::new(0))
-        .collect()
-}
-
 /// A shard's turn to IDENTIFY in its bucket, holding one session start.
 pub struct IdentifyPermit {
     last: OwnedMutexGuard<Option<Instant>>,
     /// The queue's count of reserved starts, while this permit holds one.
     reserved: Option<Arc<AtomicU32>>,
     hub: Arc<Hub>,
-    sent_ms: Arc<[AtomicU64]>,
+    /// The queue's saved IDENTIFY times, and this permit's bucket in them.
+    sent_ms: Arc<std::sync::Mutex<Vec<u64>>>,
     index: usize,
     identified: Arc<Notify>,
     /// With `[cluster]`: the bucket's Redis lease for this turn (the start
     /// was spent from Redis's counter).
     cluster: Option<ClusterTurn>,
 }
-
 /// A turn's hold on its bucket in Redis.
 struct ClusterTurn {
     redis: Arc<crate::cluster::coord::Redis>,
@@ -682,7 +672,14 @@ impl IdentifyPermit {
     /// start taken with the turn is spent.
     pub fn sent(mut self) {
         *self.last = Some(Instant::now());
-        self.sent_ms[self.index].store(crate::clock::unix_millis(), Ordering::Relaxed);
+        if let Some(at) = self
+            .sent_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(self.index)
+        {
+            *at = crate::clock::unix_millis();
+        }
         self.identified.notify_one();
         if let Some(turn) = self.cluster.take() {
             // The bucket stays taken in Redis for the window from now; the

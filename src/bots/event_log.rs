@@ -312,7 +312,7 @@ impl EventLog {
         for entry in ring
             .entries
             .range(start.min(ring.entries.len())..)
-            .take(max)
+            .take(max.min(MAX_SCAN))
         {
             out.push(entry.clone());
             outcome.after = entry.cursor;
@@ -654,6 +654,32 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![(0, 2), (1, 41)]);
         assert!(log.lowest_unacked_seq(5, &gens).is_empty());
+    }
+
+    #[test]
+    fn entries_after_reads_everything_in_order_and_reports_gaps() {
+        let log = EventLog::new(1, 1000);
+        for seq in 1..=100 {
+            log.append(
+                (seq % 2) as u32,
+                seq,
+                1,
+                (seq % 3) as u8,
+                "MESSAGE_CREATE",
+                b"{}",
+            );
+        }
+        let oldest = log.oldest();
+        let mut out = Vec::new();
+        let outcome = log.entries_after(0, 5, &mut out);
+        assert_eq!(outcome.gap, Some((1, oldest - 1, oldest - 1)));
+        assert_eq!(outcome.after, oldest + 4);
+        let cursors: Vec<u64> = out.iter().map(|e| e.cursor).collect();
+        assert_eq!(cursors, (oldest..oldest + 5).collect::<Vec<_>>());
+        assert_eq!(out[0].shard, (oldest % 2) as u32);
+        out.clear();
+        let outcome = log.entries_after(100, 5, &mut out);
+        assert_eq!((outcome.after, outcome.gap, out.len()), (100, None, 0));
     }
 
     #[test]

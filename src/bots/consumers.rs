@@ -94,6 +94,17 @@ impl Consumers {
         }
     }
 
+    /// Forget the saved clients `stale` says are stale (e.g. the JetStream
+    /// sink of a `[broker]` no longer configured), each logged.
+    pub fn forget_where(&self, stale: impl Fn(&str) -> bool) {
+        let mut clients = self.lock();
+        let gone: Vec<String> = clients.keys().filter(|name| stale(name)).cloned().collect();
+        for name in gone {
+            clients.remove(&name);
+            tracing::info!(event = %"consumer_expired", client = %name, "client no longer configured; it no longer holds the resume point back");
+        }
+    }
+
     /// A bot connected; returns the key its acks go under.
     pub fn connect(&self, client: &str, conn: u64) -> String {
         let (key, durable) = if client.is_empty() {
@@ -186,11 +197,12 @@ impl Consumers {
         point
     }
 
-    /// The named clients, for the state file.
+    /// The named clients that ack, for the state file (one that never
+    /// acked, such as `shardwarden status`, holds nothing back).
     pub fn durable(&self) -> BTreeMap<String, ClientAck> {
         self.lock()
             .iter()
-            .filter(|(_, c)| c.durable)
+            .filter(|(_, c)| c.durable && c.acked > 0)
             .map(|(name, c)| {
                 (
                     name.clone(),

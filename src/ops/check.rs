@@ -113,6 +113,24 @@ pub fn check_config(path: &Path) -> ExitCode {
         config.state.dir.display(),
         config.state.resume_window.as_secs()
     );
+    match &config.proxy {
+        None => println!("proxy       off (no [proxy] section: drop-in bots cannot connect)"),
+        Some(proxy) => println!(
+            "proxy       http://{0} and ws://{0} (HELLO heartbeat {1} ms; REST global {2}/s, invalid requests {3}/10 min, queue wait {4} ms)",
+            proxy.listen,
+            proxy.heartbeat_interval.as_millis(),
+            proxy.global_rate_limit,
+            proxy.invalid_request_limit,
+            proxy.max_queue_wait.as_millis()
+        ),
+    }
+    if config.proxy.is_some() && !config.discord.events.iter().any(|e| e == "*") {
+        println!();
+        println!(
+            "warning: [proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live; use events = [\"*\"]",
+            plan.events.len()
+        );
+    }
     let mut warnings = plan.warnings.clone();
     if let ShardRange::Span(first, _) = config.shards.range
         && first > 0

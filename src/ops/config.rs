@@ -187,6 +187,21 @@ pub struct StateConfig {
     pub resume_window: Duration,
 }
 
+/// `[proxy]`: the drop-in front door (DESIGN.md §5). Absent = off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Loopback address the front door listens on (HTTP and WebSocket).
+    pub listen: std::net::SocketAddr,
+    /// `heartbeat_interval` sent to clients in HELLO.
+    pub heartbeat_interval: Duration,
+    /// REST requests per second for the bot, shared by every client.
+    pub global_rate_limit: u32,
+    /// 401/403/429 answers per 10 minutes before the front door refuses locally.
+    pub invalid_request_limit: u32,
+    /// Longest a REST request waits for its bucket or the global limit.
+    pub max_queue_wait: Duration,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -200,6 +215,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// `[state]`
     pub state: StateConfig,
+    /// `[proxy]`, when the drop-in front door is on.
+    pub proxy: Option<ProxyConfig>,
     /// `[broker]`: JetStream for events and commands (DESIGN §4); off when
     /// absent.
     pub broker: Option<BrokerConfig>,
@@ -279,6 +296,7 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     state: RawState,
+    proxy: Option<RawProxy>,
     broker: Option<RawBroker>,
     cluster: Option<RawCluster>,
 }
@@ -344,6 +362,16 @@ struct RawHealth {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<String>,
+    heartbeat_interval: Option<String>,
+    global_rate_limit: Option<i64>,
+    invalid_request_limit: Option<i64>,
+    max_queue_wait: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawState {
     dir: Option<PathBuf>,
     resume_window: Option<String>,
@@ -369,6 +397,14 @@ pub mod defaults {
     pub const RESUME_WINDOW_SECS: u64 = 120;
     /// `[cluster] lease_ttl`.
     pub const LEASE_TTL_SECS: u64 = 30;
+    /// `[proxy] heartbeat_interval`: Discord's usual 41.25 s.
+    pub const PROXY_HEARTBEAT_MS: u64 = 41_250;
+    /// `[proxy] global_rate_limit`: Discord's global limit per bot.
+    pub const PROXY_GLOBAL_RATE_LIMIT: u32 = 50;
+    /// `[proxy] invalid_request_limit`: below Cloudflare's 10,000 per 10 min.
+    pub const PROXY_INVALID_REQUEST_LIMIT: u32 = 9000;
+    /// `[proxy] max_queue_wait`.
+    pub const PROXY_MAX_QUEUE_WAIT_SECS: u64 = 10;
     /// `[broker] stream`.
     pub const BROKER_STREAM: &str = "shardwarden";
     /// `[bot] consumer_ttl`: an absent bot's acks hold the resume point
@@ -605,6 +641,7 @@ impl Config {
             },
         };
 
+        let proxy = raw.proxy.and_then(|p| parse_proxy(p, &mut problems));
         let broker = raw.broker.map(|b| broker_config(b, &mut problems));
         let cluster = raw.cluster.map(|c| cluster_config(c, &mut problems));
         if range == ShardRange::Auto && cluster.is_none() {
@@ -650,6 +687,7 @@ impl Config {
                 dir: st.dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
                 resume_window,
             },
+            proxy,
             broker,
             cluster,
         })
@@ -714,6 +752,117 @@ fn default_cluster_name() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "shardwarden".to_string())
+}
+
+/// `[proxy]`; `None` (with problems pushed) when it is unusable.
+fn parse_proxy(p: RawProxy, problems: &mut Vec<String>) -> Option<ProxyConfig> {
+    let before = problems.len();
+    let listen = match p.listen.as_deref() {
+        None => {
+            problems.push("[proxy] is present but has no listen: set listen = \"127.0.0.1:7878\" (a loopback address) or remove [proxy] to keep the front door off".to_string());
+            None
+        }
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(addr) => {
+                problems.push(format!(
+                    "[proxy] listen = {text:?}: {} is not a loopback address. The front door takes the bot token in plain text and holds no TLS, so it listens on 127.0.0.1 or [::1] only; bot workers on other hosts use the NATS/Redis deployment of DESIGN.md §4 instead",
+                    addr.ip()
+                ));
+                None
+            }
+            Err(_) => {
+                problems.push(format!("[proxy] listen = {text:?} is not an address: use ip:port on loopback, e.g. \"127.0.0.1:7878\""));
+                None
+            }
+        },
+    };
+    let mut duration = |key: &str, value: Option<&str>, default: Duration| match value {
+        None => default,
+        Some(v) => match parse_duration_fraction(v) {
+            Ok(d) if d >= Duration::from_millis(100) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "[proxy] {key} = {v:?} is too short: use at least \"100ms\""
+                ));
+                default
+            }
+            Err(e) => {
+                problems.push(format!("[proxy] {key} = {v:?}: {e}"));
+                default
+            }
+        },
+    };
+    let heartbeat_interval = duration(
+        "heartbeat_interval",
+        p.heartbeat_interval.as_deref(),
+        Duration::from_millis(defaults::PROXY_HEARTBEAT_MS),
+    );
+    let max_queue_wait = duration(
+        "max_queue_wait",
+        p.max_queue_wait.as_deref(),
+        Duration::from_secs(defaults::PROXY_MAX_QUEUE_WAIT_SECS),
+    );
+    let mut count = |key: &str, value: Option<i64>, default: u32| match value {
+        None => default,
+        Some(v) if (1..=1_000_000).contains(&v) => v as u32,
+        Some(v) => {
+            problems.push(format!(
+                "[proxy] {key} = {v} is not valid: use a whole number ≥ 1 (default {default})"
+            ));
+            default
+        }
+    };
+    let global_rate_limit = count(
+        "global_rate_limit",
+        p.global_rate_limit,
+        defaults::PROXY_GLOBAL_RATE_LIMIT,
+    );
+    let invalid_request_limit = count(
+        "invalid_request_limit",
+        p.invalid_request_limit,
+        defaults::PROXY_INVALID_REQUEST_LIMIT,
+    );
+    if problems.len() > before {
+        return None;
+    }
+    Some(ProxyConfig {
+        listen: listen?,
+        heartbeat_interval,
+        global_rate_limit,
+        invalid_request_limit,
+        max_queue_wait,
+    })
+}
+
+/// Like [`parse_duration`], but also `"41.25s"` (HELLO intervals are often
+/// written with a fraction).
+pub fn parse_duration_fraction(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    match text.split_once('.') {
+        None => parse_duration(text),
+        Some((whole, rest)) => {
+            let split = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let (frac, unit) = rest.split_at(split);
+            let unit_ms: f64 = match unit.trim() {
+                "ms" => 1.0,
+                "s" => 1000.0,
+                "m" | "min" => 60_000.0,
+                "h" => 3_600_000.0,
+                other => {
+                    return Err(format!(
+                        "unknown unit {other:?}: use ms, s, m or h, e.g. \"41.25s\""
+                    ));
+                }
+            };
+            let n: f64 = format!("{whole}.{frac}").parse().map_err(|_| {
+                "not a duration: use a number with a unit, e.g. \"41.25s\"".to_string()
+            })?;
+            Ok(Duration::from_millis((n * unit_ms).round() as u64))
+        }
+    }
 }
 
 /// `[broker]`, with every problem added to `problems`.
@@ -1204,6 +1353,36 @@ dir = "/tmp/sw-state"
             .unwrap_err();
         assert!(err.contains("cannot read"), "{err}");
         assert!(!err.contains("tok-1234"));
+    }
+
+    #[test]
+    fn proxy_defaults_and_loopback_only() {
+        let config = Config::parse(&format!("{GOOD}\n[proxy]\nlisten = \"127.0.0.1:7878\"\n"))
+            .expect("valid");
+        let proxy = config.proxy.expect("on");
+        assert_eq!(proxy.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(proxy.heartbeat_interval, Duration::from_millis(41_250));
+        assert_eq!(proxy.global_rate_limit, 50);
+        assert_eq!(proxy.invalid_request_limit, 9000);
+        assert_eq!(proxy.max_queue_wait, Duration::from_secs(10));
+        assert!(Config::parse(GOOD).expect("valid").proxy.is_none());
+        let p = problems(&format!("{GOOD}\n[proxy]\nlisten = \"0.0.0.0:7878\"\n"));
+        assert!(
+            p[0].contains("[proxy] listen") && p[0].contains("loopback") && p[0].contains("§4"),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{GOOD}\n[proxy]\nlisten = \"[::1]:7878\"\nheartbeat_interval = \"soon\"\nglobal_rate_limit = 0\n"
+        ));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("heartbeat_interval") && p[1].contains("global_rate_limit"));
+        let config = Config::parse(&format!(
+            "{GOOD}\n[proxy]\nlisten = \"[::1]:7878\"\nheartbeat_interval = \"2.5s\"\nmax_queue_wait = \"3s\"\n"
+        ))
+        .expect("valid");
+        let proxy = config.proxy.expect("on");
+        assert_eq!(proxy.heartbeat_interval, Duration::from_millis(2500));
+        assert_eq!(proxy.max_queue_wait, Duration::from_secs(3));
     }
 
     #[test]

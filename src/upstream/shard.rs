@@ -916,7 +916,10 @@ impl Shard {
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
                 let t = envelope.t.as_deref().unwrap_or("");
                 match t {
-                    "READY" => self.on_ready(conn, envelope.raw_d()),
+                    "READY" => {
+                        self.stats.set_ready(envelope.raw_d().as_bytes());
+                        self.on_ready(conn, envelope.raw_d());
+                    }
                     "RESUMED" => {
                         conn.active = true;
                         self.set_state(ShardState::Active);
@@ -930,6 +933,14 @@ impl Shard {
                         );
                     }
                     _ => {}
+                }
+                // The drop-in state cache sees state-changing events before
+                // the log does, so a client snapshot taken at head H already
+                // holds every event up to H (never one too few).
+                if let Some(front) = self.hub.frontdoor.get()
+                    && crate::frontdoor::StateCache::tracks(t)
+                {
+                    front.cache.apply(self.id(), t, envelope.raw_d().as_bytes());
                 }
                 let generation = self.hub.events_generation();
                 if generation != self.events.0 {

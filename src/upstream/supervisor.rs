@@ -186,8 +186,42 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         "gateway plan"
     );
 
+    // With [proxy] on, the front door's cache from a clean stop (read once,
+    // then deleted).
+    let snapshot_file = crate::frontdoor::snapshot::path(&config.state.dir);
+    let snapshot = match &config.proxy {
+        None => None,
+        Some(_) => {
+            let file = snapshot_file.clone();
+            match crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
+                crate::frontdoor::snapshot::take(&file)
+            })
+            .await
+            {
+                Some(Ok(snapshot)) => snapshot,
+                Some(Err(e)) => {
+                    tracing::warn!(event = %"state_ignored", "front door cache: {e}; shards identify to refill it");
+                    None
+                }
+                None => {
+                    tracing::warn!(event = %"state_ignored", "front door cache: reading it timed out; shards identify to refill it");
+                    None
+                }
+            }
+        }
+    };
     // Persisted sessions: fresh ones are resumed, stale ones dropped.
-    let restored = Restored::from_saved(saved, total, &owned, config.state.resume_window);
+    let no_cache = std::collections::BTreeMap::new();
+    let restored = Restored::from_saved(
+        saved,
+        total,
+        &owned,
+        config.state.resume_window,
+        config
+            .proxy
+            .as_ref()
+            .map(|_| snapshot.as_ref().map_or(&no_cache, |s| &s.sessions)),
+    );
     let first_cursor = restored.first_cursor;
     // With [cluster] the sessions to resume come from Redis, with the lease
     // of each shard (whoever ran it last may have been another daemon).
@@ -248,6 +282,14 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     hub.consumers.set_ttl(config.bot.consumer_ttl);
     if let Some(saved) = &restored.saved {
         hub.consumers.restore(&saved.clients, saved.saved_at_ms);
+        // A JetStream sink of a [broker] no longer configured must not hold
+        // the resume point back.
+        let sink = config
+            .broker
+            .as_ref()
+            .map(|b| crate::cluster::broker::consumer_name(&b.stream));
+        hub.consumers
+            .forget_where(|name| name.starts_with("jetstream:") && Some(name) != sink.as_deref());
     }
     let queue = Arc::new(IdentifyQueue::new(
         limit.max_concurrency,
@@ -307,6 +349,33 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ))
     })?;
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
+    // The drop-in front door (DESIGN.md §5) starts before the shards so its
+    // state cache sees every READY and GUILD_CREATE.
+    if let Some(proxy) = &config.proxy {
+        if !config.discord.events.iter().any(|e| e == "*") {
+            tracing::warn!(event = %"config_warning", "[proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live (READY and GUILD_CREATE are rebuilt regardless); use events = [\"*\"] so libraries see everything their intents cover", plan.events.len());
+        }
+        let door = crate::frontdoor::FrontDoor::bind(
+            proxy,
+            &api_base,
+            token.clone(),
+            plan.bits,
+            hub.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(DaemonError::config)?;
+        tokio::spawn(door.run());
+        if let Some(snapshot) = &snapshot {
+            let resumed: std::collections::HashSet<u32> = resumes.keys().copied().collect();
+            let applied = snapshot.restore(&hub, &resumed);
+            tracing::info!(
+                shards = resumed.len(),
+                events = applied,
+                "front door cache restored from the last clean stop; those shards resume"
+            );
+        }
+    }
     let mut broker = match config.broker.clone() {
         Some(cfg) => {
             tracing::info!(nats = %cfg.nats, stream = %cfg.stream, "JetStream sink on");
@@ -570,6 +639,30 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         && let Ok(keeper) = keeper.await
     {
         keeper.finish(&sessions).await;
+    }
+    if config.proxy.is_some() {
+        // The front door's cache, so the next start can resume these
+        // sessions (a resumed session replays no READY or GUILD_CREATE).
+        let ids: std::collections::BTreeMap<u32, String> = sessions
+            .iter()
+            .map(|(shard, resume)| (*shard, resume.session_id.clone()))
+            .collect();
+        let (hub, file) = (hub.clone(), snapshot_file.clone());
+        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
+            crate::frontdoor::snapshot::save(&hub, &ids, &file)
+        })
+        .await;
+        match saved {
+            Some(Ok(())) => {
+                tracing::info!(path = %snapshot_file.display(), "front door cache saved for the next start")
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot save the front door cache: the next start identifies its shards")
+            }
+            None => tracing::warn!(
+                "saving the front door cache timed out: the next start identifies its shards"
+            ),
+        }
     }
     match persister.finish(sessions).await {
         Ok(state) => {
@@ -845,11 +938,28 @@ fn log_summary(hub: &Hub) {
         ring_events,
         evicted,
         bots = hub.bot_clients.load(Ordering::Relaxed),
+        dropin = hub.frontdoor.get().map(|f| f.sessions.counts().0),
         identify_remaining = budget.remaining,
         identify_total = budget.total,
         "{active}/{} shards active",
         hub.owned().count()
     );
+    if let Some(front) = hub.frontdoor.get() {
+        for row in front.sessions.health() {
+            tracing::info!(
+                event = %"dropin_session",
+                client = %row.client,
+                shard = row.shard,
+                state = row.state,
+                seq = row.seq,
+                resumes = row.resumes,
+                "drop-in {} on shard {} is {}",
+                row.client,
+                row.shard,
+                row.state
+            );
+        }
+    }
     for s in hub.owned().filter(|s| s.state() != ShardState::Active) {
         let (p50, p99) = s.latency_percentiles().unzip();
         tracing::warn!(

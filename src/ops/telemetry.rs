@@ -131,6 +131,10 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let leases_lost = counter!("shardwarden_leases_lost_total");
     let incident = gauge!("shardwarden_discord_incident");
     let incidents = counter!("shardwarden_discord_incidents_total");
+    let dropin_connected = gauge!("shardwarden_dropin_sessions", "state" => "connected");
+    let dropin_detached = gauge!("shardwarden_dropin_sessions", "state" => "detached");
+    let cache_guilds = gauge!("shardwarden_cache_guilds");
+    let cache_bytes = gauge!("shardwarden_cache_bytes");
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -152,8 +156,7 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
         gaps.absolute(hub.gaps.load(Ordering::Relaxed));
         missed.absolute(hub.missed.load(Ordering::Relaxed));
         shards_active.set(
-            hub.shards
-                .iter()
+            hub.owned()
                 .filter(|s| s.state() == ShardState::Active)
                 .count() as f64,
         );
@@ -178,5 +181,13 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
         }
         incident.set(if hub.incident().is_some() { 1.0 } else { 0.0 });
         incidents.absolute(hub.incidents.load(Ordering::Relaxed));
+        if let Some(front) = hub.frontdoor.get() {
+            let (connected, detached) = front.sessions.counts();
+            dropin_connected.set(connected as f64);
+            dropin_detached.set(detached as f64);
+            let cache = front.cache.stats();
+            cache_guilds.set(cache.guilds as f64);
+            cache_bytes.set(cache.bytes as f64);
+        }
     }
 }

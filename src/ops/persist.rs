@@ -16,7 +16,7 @@
 //! - At shutdown, [`Persister::snapshot`] with the shards' final sessions is
 //!   written once more, and a failure is an error exit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -50,12 +50,15 @@ pub struct Restored {
 
 impl Restored {
     /// Decide what to resume from `saved`, for a daemon of `total` shards
-    /// owning `owned`, resuming sessions no older than `window`.
+    /// owning `owned`, resuming sessions no older than `window`; with
+    /// `[proxy]` on (`front_door` is `Some`), only the sessions the front
+    /// door's cache snapshot was taken from (shard → session id).
     pub fn from_saved(
         saved: Option<SavedState>,
         total: u32,
         owned: &[u32],
         window: Duration,
+        front_door: Option<&BTreeMap<u32, String>>,
     ) -> Restored {
         let Some(saved) = saved else {
             return Restored {
@@ -82,10 +85,27 @@ impl Restored {
                 "persisted sessions are too old to resume ([state] resume_window); identifying"
             );
         } else {
+            let mut uncached = 0;
             for session in &saved.sessions {
-                if owned.contains(&session.shard) {
+                // The front door rebuilds READY and GUILD_CREATE from what a
+                // shard received since READY; a resumed session replays
+                // neither, so only shards whose cache was saved with this
+                // very session resume.
+                let cached = front_door.is_none_or(|snapshot| {
+                    snapshot.get(&session.shard) == Some(&session.session_id)
+                });
+                if !cached {
+                    uncached += 1;
+                } else if owned.contains(&session.shard) {
                     resumes.insert(session.shard, session.into());
                 }
+            }
+            if uncached > 0 {
+                tracing::warn!(
+                    event = %"state_ignored",
+                    sessions = uncached,
+                    "[proxy] is on and the front door's cache of these sessions was not saved (the last stop was not clean): identifying them, since the drop-in state cache is filled only by READY and GUILD_CREATE"
+                );
             }
         }
         let mut not_missed = saved.not_missed.clone();
@@ -296,12 +316,15 @@ impl Persister {
         self.last.as_ref()
     }
 
-    /// The final write at shutdown.
+    /// The final write at shutdown, once every shard has stopped: no cursor
+    /// is handed out after it, so the next life continues right after the
+    /// last one used (cursors stay contiguous across clean restarts).
     pub async fn finish(
         &mut self,
         sessions: Vec<(u32, ResumeState)>,
     ) -> Result<SavedState, String> {
-        let state = self.snapshot(true, Some(sessions));
+        let mut state = self.snapshot(true, Some(sessions));
+        state.next_cursor = self.hub.log.next_cursor();
         match self.write(state.clone()).await {
             Ok(()) => Ok(state),
             Err(e) => Err(e.to_string()),
@@ -380,6 +403,7 @@ mod tests {
             2,
             &[0, 1],
             Duration::from_secs(120),
+            None,
         );
         assert_eq!(r.first_cursor, 1_000_040);
         assert_eq!(r.resumes.len(), 2);
@@ -393,18 +417,19 @@ mod tests {
             4,
             &[0, 1],
             Duration::from_secs(120),
+            None,
         );
         assert!(r.resumes.is_empty(), "other shard total");
         assert_eq!(r.not_missed, vec![(41, 1_000_039)]);
         let mut old = saved(1_000_040, 40, 30, 2);
         old.saved_at_ms -= 121_000;
-        let r = Restored::from_saved(Some(old), 2, &[0, 1], Duration::from_secs(120));
+        let r = Restored::from_saved(Some(old), 2, &[0, 1], Duration::from_secs(120), None);
         assert!(r.resumes.is_empty(), "too old");
     }
 
     #[test]
     fn a_fresh_start_begins_at_cursor_1() {
-        let r = Restored::from_saved(None, 2, &[0, 1], Duration::from_secs(120));
+        let r = Restored::from_saved(None, 2, &[0, 1], Duration::from_secs(120), None);
         assert_eq!((r.first_cursor, r.resumes.len()), (1, 0));
         assert!(r.not_missed.is_empty());
     }

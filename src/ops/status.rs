@@ -149,8 +149,6 @@ fn table(health: &Value) -> String {
         },
         health["bot_clients"],
     );
-    write_clients(&mut out, health);
-    write_extras(&mut out, health);
     let incident = &health["incident"];
     if incident.is_object() {
         let _ = writeln!(
@@ -162,33 +160,64 @@ fn table(health: &Value) -> String {
             incident["detail"].as_str().unwrap_or("")
         );
     }
+    write_clients(&mut out, health);
+    write_extras(&mut out, health);
+    write_dropin(&mut out, health);
     out
+}
+
+/// The drop-in front door's client sessions (when `[proxy]` is on).
+fn write_dropin(out: &mut String, health: &Value) {
+    use std::fmt::Write;
+    let Some(dropin) = health["dropin"].as_array() else {
+        return;
+    };
+    let _ = writeln!(out);
+    if dropin.is_empty() {
+        let _ = writeln!(out, "drop-in front door: no client sessions");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+        "drop-in client", "shard", "state", "seq", "resumes"
+    );
+    for c in dropin {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>5}  {:<10} {:>10} {:>8}",
+            c["client"].as_str().unwrap_or(NONE),
+            c["shard"],
+            c["state"].as_str().unwrap_or(NONE),
+            c["seq"],
+            c["resumes"],
+        );
+    }
 }
 
 /// Each bot client's ack and lag (the slowest acking one sets the resume
 /// point after a restart).
 fn write_clients(out: &mut String, health: &Value) {
     use std::fmt::Write;
-    let clients = health["clients"].as_array().cloned().unwrap_or_default();
-    if clients.is_empty() {
+    let Some(clients) = health["clients"].as_array().filter(|c| !c.is_empty()) else {
         return;
-    }
+    };
     let _ = writeln!(out);
     let _ = writeln!(
         out,
         "{:<24} {:>9} {:>12} {:>10}  last seen",
         "client", "connected", "acked", "lag"
     );
-    let or_dash = |v: &Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
-    for c in &clients {
+    let or_none = |v: &Value| v.as_u64().map_or(NONE.to_string(), |n| n.to_string());
+    for c in clients {
         let _ = writeln!(
             out,
             "{:<24} {:>9} {:>12} {:>10}  {}",
             c["client"].as_str().unwrap_or("?"),
-            or_dash(&c["connected"]),
-            or_dash(&c["acked"]),
-            or_dash(&c["lag"]),
-            c["seen"].as_str().unwrap_or("-"),
+            or_none(&c["connected"]),
+            or_none(&c["acked"]),
+            or_none(&c["lag"]),
+            c["seen"].as_str().unwrap_or(NONE),
         );
     }
 }

@@ -17,7 +17,7 @@ use crate::simulator::{Fault, SimConfig, Simulator, message_create_payload_seede
 use crate::supervisor::{self, DaemonOptions};
 
 /// The demo's configuration (also shipped as `config/demo.toml`).
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 /// Where a demo run keeps its socket and state.
 struct RunDir {
@@ -97,6 +97,23 @@ pub async fn run(seconds: Option<u64>, dir: Option<&Path>) -> Result<(), String>
         sim.gateway_url(),
         config.bot.socket.display()
     );
+    // Held for the whole run: the demo that holds it owns the documented
+    // front-door port; demos started meanwhile take a free one instead of
+    // racing for it.
+    let mut _port_claim = None;
+    if let Some(proxy) = &mut config.proxy {
+        _port_claim = claim_front_door_port();
+        if (_port_claim.is_none() || std::net::TcpListener::bind(proxy.listen).is_err())
+            && let Ok(free) = std::net::TcpListener::bind("127.0.0.1:0")
+            && let Ok(addr) = free.local_addr()
+        {
+            proxy.listen = addr;
+        }
+        println!(
+            "demo: drop-in front door on ws://{0} (REST http://{0}/api/v10): point a discord.py or discord.js bot at it with shard_count 4 and the demo token from config/demo.toml (README: Drop-in mode)",
+            proxy.listen
+        );
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = config.bot.socket.clone();
@@ -289,4 +306,15 @@ async fn sample_bot(socket: std::path::PathBuf, mut stop: watch::Receiver<bool>)
             None => {}
         }
     }
+}
+
+/// An exclusive lock (released when the process ends) on the documented
+/// front-door port, so two demos started together never both try it.
+fn claim_front_door_port() -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::create(std::env::temp_dir().join("shardwarden-demo-front-door.lock"))
+        .ok()?;
+    // SAFETY: flock(2) on a file descriptor we own.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    locked.then_some(file)
 }

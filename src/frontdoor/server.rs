@@ -1,0 +1,648 @@
+//! The front door's listener: one loopback port for HTTP and WebSocket
+//! upgrades (hyper 1 serving, tokio-tungstenite on the upgraded
+//! connection).
+//!
+//! - `GET /api[/v9|/v10]/gateway[/bot]` is answered here: `url` is this
+//!   listener, `shards` the daemon's total, and a `session_start_limit` that
+//!   never stops a library from starting every shard (client IDENTIFYs cost
+//!   no Discord IDENTIFY).
+//! - Every other `/api/…` request is streamed to `[discord] api_base`
+//!   unchanged, bodies included, never buffered whole, over a small pool of
+//!   kept-alive connections (the rate-limited version is DESIGN.md §6). The log names method, route (webhook and
+//!   interaction tokens redacted, query left out), status and latency; the
+//!   Authorization header is passed through and never logged.
+//! - A WebSocket upgrade on any path becomes a gateway connection
+//!   ([`super::gateway`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::Shared;
+use super::gateway::{self, Params};
+use crate::compression::Compression;
+use crate::config::{ProxyConfig, Token};
+use crate::hub::Hub;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest frame accepted from a client before the 4096-byte check (a
+/// larger one is refused with 4002 either way).
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Most bytes queued for a client beyond what its socket took.
+const MAX_WRITE_BUFFER: usize = 4 << 20;
+/// Limit on connecting to `api_base`.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection of the front door shares.
+pub struct Ctx {
+    /// The daemon's hub (event log, shard stats, command channels).
+    pub hub: Arc<Hub>,
+    /// State cache and sessions.
+    pub shared: Arc<Shared>,
+    /// The bot token clients must present.
+    token: Token,
+    /// The address bound (what `url` and `resume_gateway_url` name).
+    pub listen: SocketAddr,
+    /// HELLO's heartbeat interval.
+    pub heartbeat: Duration,
+    /// The daemon's IDENTIFY intents: a client may ask for a subset.
+    pub daemon_intents: u64,
+    /// Where REST requests go.
+    upstream: Upstream,
+    /// Changes to true on shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    /// Whether `presented` (with or without `Bot `) is the daemon's token.
+    /// Compared in constant time.
+    pub fn token_matches(&self, presented: &str) -> bool {
+        let presented = presented.trim();
+        let presented = presented.strip_prefix("Bot ").unwrap_or(presented);
+        let expected = self.token.expose().as_bytes();
+        let presented = presented.as_bytes();
+        presented.len() == expected.len()
+            && presented
+                .iter()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+/// `[discord] api_base`, split for forwarding, with its idle connections.
+struct Upstream {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    host: String,
+    port: u16,
+    authority: String,
+    /// The path before `/api` (usually empty).
+    root: String,
+    /// Open HTTP/1.1 connections to `api_base`, reused once their last
+    /// response body has been streamed (a TLS handshake per request would
+    /// add a round trip or two to every REST call).
+    pool: std::sync::Mutex<Vec<Sender>>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// Connections kept open to `api_base`.
+const POOL_SIZE: usize = 32;
+
+impl Upstream {
+    fn parse(api_base: &str) -> Result<Upstream, String> {
+        crate::config::check_url(api_base, &["https", "http"])?;
+        let uri: hyper::Uri = api_base
+            .parse()
+            .map_err(|e| format!("[discord] api_base = {api_base:?}: {e}"))?;
+        let tls = uri.scheme_str() == Some("https");
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("[discord] api_base = {api_base:?} has no host"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path().trim_end_matches('/');
+        let root = match path.rfind("/api") {
+            Some(i) => path[..i].to_string(),
+            None => path.to_string(),
+        };
+        Ok(Upstream {
+            tls: if tls {
+                Some(crate::rest::tls_config().map_err(|e| format!("TLS setup failed: {e}"))?)
+            } else {
+                None
+            },
+            host,
+            port,
+            authority: authority.to_string(),
+            root,
+            pool: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// The bound front door, ready to serve.
+pub struct FrontDoor {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+impl FrontDoor {
+    /// Bind `[proxy] listen`. Errors say what to change.
+    pub async fn bind(
+        config: &ProxyConfig,
+        api_base: &str,
+        token: Token,
+        daemon_intents: u64,
+        hub: Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<FrontDoor, String> {
+        let upstream = Upstream::parse(api_base)?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            format!(
+                "[proxy] listen = \"{}\": cannot listen there ({e}); pick a free loopback port",
+                config.listen
+            )
+        })?;
+        let listen = listener.local_addr().map_err(|e| e.to_string())?;
+        let shared = hub.frontdoor.get_or_init(Default::default).clone();
+        Ok(FrontDoor {
+            listener,
+            ctx: Arc::new(Ctx {
+                hub,
+                shared,
+                token,
+                listen,
+                heartbeat: config.heartbeat_interval,
+                daemon_intents,
+                upstream,
+                shutdown,
+            }),
+        })
+    }
+
+    /// The address bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ctx.listen
+    }
+
+    /// Accept connections until shutdown.
+    pub async fn run(self) {
+        let FrontDoor { listener, ctx } = self;
+        tracing::info!(event = %"frontdoor_listening", listen = %ctx.listen, "drop-in front door on http://{0} and ws://{0}: point bot libraries here", ctx.listen);
+        let mut shutdown = ctx.shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(event = %"frontdoor_accept_failed", "front door accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let ctx = ctx.clone();
+                    async move { Ok::<_, Infallible>(route(req, ctx, peer).await) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(peer = %peer, "front door HTTP connection ended: {e}");
+                }
+            });
+        }
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert("via", HeaderValue::from_static("shardwarden"));
+    response
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"message": message, "code": 0}).to_string();
+    full(status, "application/json", body)
+}
+
+async fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr) -> Response<Body> {
+    if is_websocket_upgrade(&req) {
+        return upgrade(req, ctx, peer);
+    }
+    let path = req.uri().path();
+    let Some(rest) = path.strip_prefix("/api") else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "404: Not Found (shardwarden serves /api/... and WebSocket upgrades)",
+        );
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return json_error(StatusCode::NOT_FOUND, "404: Not Found");
+    }
+    let unversioned = strip_version(rest);
+    if req.method() == Method::GET && (unversioned == "/gateway" || unversioned == "/gateway/bot") {
+        return gateway_info(&req, &ctx, unversioned == "/gateway/bot");
+    }
+    forward(req, ctx).await
+}
+
+/// `/v10/x` → `/x`; unversioned paths stay.
+fn strip_version(path: &str) -> &str {
+    if let Some(after) = path.strip_prefix("/v") {
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && (after.len() == digits || after.as_bytes()[digits] == b'/') {
+            return &after[digits..];
+        }
+    }
+    path
+}
+
+/// `/gateway` and `/gateway/bot`, answered locally.
+fn gateway_info(req: &Request<Incoming>, ctx: &Ctx, bot: bool) -> Response<Body> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    // Discord's /gateway needs no token; /gateway/bot does. A wrong token is
+    // refused on both, as Discord refuses an invalid Authorization.
+    let authorized = match presented {
+        Some(value) => ctx.token_matches(value),
+        None => !bot,
+    };
+    if !authorized {
+        tracing::info!(event = %"frontdoor_unauthorized", path = %req.uri().path(), "refused a gateway info request with a missing or wrong bot token (401)");
+        return json_error(StatusCode::UNAUTHORIZED, "401: Unauthorized");
+    }
+    // With a trailing slash: libraries append `?v=10…` literally, and a
+    // request line of `GET ?v=10` (no path) is not valid HTTP; `/?v=10` is,
+    // and so is twilight's `//?v=10`.
+    let url = format!("ws://{}/", ctx.listen);
+    let body = if bot {
+        let total = ctx.hub.shard_total.max(1);
+        serde_json::json!({
+            "url": url,
+            "shards": total,
+            "session_start_limit": {
+                "total": 1_000_000,
+                "remaining": 1_000_000,
+                "reset_after": 86_400_000,
+                "max_concurrency": total,
+            }
+        })
+    } else {
+        serde_json::json!({ "url": url })
+    };
+    full(StatusCode::OK, "application/json", body.to_string())
+}
+
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    req.method() == Method::GET
+        && has(header::UPGRADE, "websocket")
+        && has(header::CONNECTION, "upgrade")
+}
+
+/// Answer the upgrade (101) and hand the connection to the gateway task.
+fn upgrade(mut req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "WebSocket upgrade without Sec-WebSocket-Key",
+        );
+    };
+    let mut v: Result<u8, String> = Ok(10);
+    let mut compression = Compression::None;
+    for (name, value) in query_pairs(req.uri().query().unwrap_or("")) {
+        match name.as_str() {
+            "v" => {
+                v = match value.as_str() {
+                    "10" => Ok(10),
+                    "9" => Ok(9),
+                    other => Err(other.to_string()),
+                }
+            }
+            "encoding" if value == "json" => {}
+            "encoding" if value == "etf" => {
+                tracing::warn!(event = %"dropin_refused", peer = %peer, "refused a client asking for encoding=etf: shardwarden passes Discord's JSON through untouched and speaks JSON only; configure the library for JSON (e.g. drop the ETF/erlpack option)");
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "encoding=etf is not supported by shardwarden: it relays Discord's JSON untouched; connect with encoding=json",
+                );
+            }
+            "encoding" => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "encoding must be json (etf is not supported by shardwarden)",
+                );
+            }
+            "compress" => match value.as_str() {
+                "zlib-stream" => compression = Compression::ZlibStream,
+                "zstd-stream" => compression = Compression::ZstdStream,
+                "" | "none" => compression = Compression::None,
+                _ => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        "compress must be zlib-stream, zstd-stream or absent",
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    let conn = ctx.shared.sessions.next_conn();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                // A bounded write buffer, so a client that stops reading
+                // blocks its writer (and gets dropped by the write limit)
+                // instead of growing the buffer without end.
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(MAX_CLIENT_MESSAGE))
+                    .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+                    .write_buffer_size(64 * 1024)
+                    .max_write_buffer_size(MAX_WRITE_BUFFER);
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                tracing::debug!(conn, peer = %peer, compress = compression.name(), "drop-in client connected");
+                gateway::serve(
+                    ws,
+                    Params {
+                        v,
+                        compression,
+                        conn,
+                        peer,
+                    },
+                    ctx,
+                )
+                .await;
+            }
+            Err(e) => tracing::debug!(peer = %peer, "WebSocket upgrade failed: {e}"),
+        }
+    });
+    let mut response = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// `a=1&b=2` → pairs (percent-decoding is not needed for these keys).
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (p.to_string(), String::new()),
+        })
+        .collect()
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1), not forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Stream one request to `api_base` and its answer back.
+async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let route = redacted_route(req.uri().path());
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    let upstream = &ctx.upstream;
+    parts.uri = match format!("{}{}", upstream.root, path_and_query).parse() {
+        Ok(uri) => uri,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+    };
+    parts.version = hyper::Version::HTTP_11;
+    let connection_listed: Vec<String> = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .map(str::to_string)
+        .chain(connection_listed)
+    {
+        parts.headers.remove(name.as_str());
+    }
+    if let Ok(host) = HeaderValue::from_str(&upstream.authority) {
+        parts.headers.insert(header::HOST, host);
+    }
+    let request = Request::from_parts(parts, body);
+    let result = send_upstream(upstream, request).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            if status >= 500 {
+                tracing::warn!(event = %"rest_forward", method = %method, route = %route, status, latency_ms = elapsed_ms, token = %ctx.token.fingerprint(), "Discord answered a forwarded request with {status}");
+            } else {
+                tracing::debug!(method = %method, route = %route, status, latency_ms = elapsed_ms, "forwarded");
+            }
+            let (mut parts, body) = response.into_parts();
+            for name in HOP_BY_HOP {
+                parts.headers.remove(*name);
+            }
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            tracing::warn!(event = %"rest_forward_failed", class = %"transport", method = %method, route = %route, latency_ms = elapsed_ms, token = %ctx.token.fingerprint(), "could not forward a REST request to {}: {e}", upstream.authority);
+            json_error(
+                StatusCode::BAD_GATEWAY,
+                &format!("shardwarden could not reach Discord ({e})"),
+            )
+        }
+    }
+}
+
+async fn send_upstream(
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, String> {
+    let idle = {
+        let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|sender| !sender.is_closed());
+        pool.iter()
+            .position(Sender::is_ready)
+            .map(|i| pool.swap_remove(i))
+    };
+    let (mut sender, reused) = match idle {
+        Some(sender) => (sender, true),
+        None => (connect_upstream(upstream).await?, false),
+    };
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => Ok(response),
+        Err(mut e) => match (reused, e.take_message()) {
+            // An idle connection the server closed meanwhile: the request
+            // was not sent, so it goes again on a fresh connection.
+            (true, Some(request)) => {
+                sender = connect_upstream(upstream).await?;
+                sender
+                    .try_send_request(request)
+                    .await
+                    .map_err(|e| format!("request failed: {}", e.error()))
+            }
+            _ => Err(format!("request failed: {}", e.error())),
+        },
+    };
+    // Back in the pool: ready again once this response's body is done.
+    let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() < POOL_SIZE && !sender.is_closed() {
+        pool.push(sender);
+    }
+    response
+}
+
+async fn connect_upstream(upstream: &Upstream) -> Result<Sender, String> {
+    let tcp = tokio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect((upstream.host.as_str(), upstream.port)),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| format!("connect failed: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    match &upstream.tls {
+        None => handshake(tcp).await,
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(upstream.host.clone())
+                .map_err(|e| format!("bad TLS server name: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            handshake(tls).await
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to `api_base`; its task lives until the
+/// connection closes.
+async fn handshake<S>(stream: S) -> Result<Sender, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("upstream REST connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// The path for logs: ids kept, webhook and interaction tokens replaced.
+fn redacted_route(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let after_id_of = |name: &str| {
+            i >= 2 && segments[i - 2] == name && segments[i - 1].bytes().all(|b| b.is_ascii_digit())
+        };
+        if after_id_of("webhooks") || after_id_of("interactions") {
+            out.push(":token");
+        } else {
+            out.push(segment);
+        }
+    }
+    out.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_stripped_only_when_they_are_versions() {
+        assert_eq!(strip_version("/v10/gateway/bot"), "/gateway/bot");
+        assert_eq!(strip_version("/v9/gateway"), "/gateway");
+        assert_eq!(strip_version("/gateway"), "/gateway");
+        assert_eq!(strip_version("/voice/regions"), "/voice/regions");
+        assert_eq!(strip_version("/v10"), "");
+    }
+
+    #[test]
+    fn routes_in_logs_lose_webhook_and_interaction_tokens() {
+        assert_eq!(
+            redacted_route("/api/v10/webhooks/123/secret-token/messages/@original"),
+            "/api/v10/webhooks/123/:token/messages/@original"
+        );
+        assert_eq!(
+            redacted_route("/api/v10/interactions/99/tok/callback"),
+            "/api/v10/interactions/99/:token/callback"
+        );
+        assert_eq!(
+            redacted_route("/api/v10/channels/5/messages"),
+            "/api/v10/channels/5/messages"
+        );
+    }
+
+    #[test]
+    fn api_base_root_is_what_precedes_api() {
+        let up = Upstream::parse("http://127.0.0.1:9000/api/v10").expect("valid");
+        assert_eq!(
+            (up.host.as_str(), up.port, up.root.as_str()),
+            ("127.0.0.1", 9000, "")
+        );
+        let up = Upstream::parse("https://example.com/discord/api/v10").expect("valid");
+        assert_eq!((up.port, up.root.as_str()), (443, "/discord"));
+        assert!(up.tls.is_some());
+    }
+}

@@ -1,0 +1,305 @@
+//! The state cache across a clean restart. A resumed upstream session
+//! replays neither READY nor GUILD_CREATE, so without this the front door
+//! would have nothing to rebuild them from, and every daemon restart with
+//! `[proxy]` on would cost one IDENTIFY per shard. At a clean shutdown the
+//! cache is written to `[state] dir/frontdoor-cache.ndjson.zst` as the events
+//! that rebuild it (each shard's READY, then one GUILD_CREATE per guild, and
+//! GUILD_DELETE for guilds READY listed that have left); the next start loads
+//! it, resumes the shards whose session it was taken from, and deletes it,
+//! so a crash later never restores a stale cache (a crash identifies, as
+//! before). Replayed events after the resume point are applied again, which
+//! the cache's upserts tolerate.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::hub::Hub;
+
+/// The file, beside `state.json`.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("frontdoor-cache.ndjson.zst")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    /// The upstream session each shard's cache was taken from.
+    sessions: BTreeMap<u32, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    shard: u32,
+    t: &'a str,
+    #[serde(borrow)]
+    d: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct ReadyGuilds {
+    #[serde(default)]
+    guilds: Vec<Id>,
+}
+
+#[derive(Deserialize)]
+struct Id {
+    #[serde(deserialize_with = "snowflake")]
+    id: u64,
+}
+
+fn snowflake<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum S<'a> {
+        N(u64),
+        T(&'a str),
+    }
+    match S::deserialize(d)? {
+        S::N(n) => Ok(n),
+        S::T(t) => t.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+/// A loaded snapshot: which session each shard's cache belongs to, and the
+/// events that rebuild it.
+pub struct Snapshot {
+    /// Upstream session id per shard.
+    pub sessions: BTreeMap<u32, String>,
+    lines: Vec<String>,
+}
+
+/// Write the cache of `hub`'s shards whose sessions are `sessions` (shard →
+/// upstream session id), after every shard has stopped.
+pub fn save(hub: &Hub, sessions: &BTreeMap<u32, String>, file: &Path) -> std::io::Result<()> {
+    let Some(front) = hub.frontdoor.get() else {
+        return Ok(());
+    };
+    let tmp = file.with_extension("zst.tmp");
+    let written = (|| {
+        let out = std::fs::File::create(&tmp)?;
+        let mut z = zstd::stream::write::Encoder::new(out, 3)?;
+        let header = Header {
+            version: 1,
+            sessions: sessions.clone(),
+        };
+        serde_json::to_writer(&mut z, &header)?;
+        z.write_all(b"\n")?;
+        let mut line = |shard: u32, t: &str, d: &str| -> std::io::Result<()> {
+            let d = RawValue::from_string(d.to_string()).map_err(std::io::Error::other)?;
+            serde_json::to_writer(&mut z, &Line { shard, t, d: &d })?;
+            z.write_all(b"\n")
+        };
+        for &shard in sessions.keys() {
+            let Some(ready) = hub.shard(shard).and_then(|s| s.ready()) else {
+                continue;
+            };
+            let Ok(ready) = std::str::from_utf8(&ready) else {
+                continue;
+            };
+            line(shard, "READY", ready)?;
+            let now = front.cache.shard_guilds(shard);
+            let present: HashSet<u64> = now.iter().map(|g| g.id).collect();
+            let listed = serde_json::from_str::<ReadyGuilds>(ready)
+                .map(|r| r.guilds)
+                .unwrap_or_default();
+            for gone in listed.iter().filter(|g| !present.contains(&g.id)) {
+                line(
+                    shard,
+                    "GUILD_DELETE",
+                    &format!("{{\"id\":\"{}\"}}", gone.id),
+                )?;
+            }
+            for guild in now {
+                match front.cache.guild_create(guild.id) {
+                    Some(create) => line(shard, "GUILD_CREATE", &create)?,
+                    None => line(
+                        shard,
+                        "GUILD_CREATE",
+                        &format!("{{\"id\":\"{}\",\"unavailable\":true}}", guild.id),
+                    )?,
+                }
+            }
+        }
+        let out = z.finish()?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Read a snapshot and delete the file (it is good for one start only).
+/// `Ok(None)` when there is none.
+pub fn take(file: &Path) -> Result<Option<Snapshot>, String> {
+    let f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+    };
+    let _ = std::fs::remove_file(file);
+    let bad = |e: &dyn std::fmt::Display| format!("{} is unreadable ({e})", file.display());
+    let reader = std::io::BufReader::new(zstd::stream::read::Decoder::new(f).map_err(|e| bad(&e))?);
+    let mut lines = reader.lines();
+    let header: Header = match lines.next() {
+        Some(Ok(h)) => serde_json::from_str(&h).map_err(|e| bad(&e))?,
+        Some(Err(e)) => return Err(bad(&e)),
+        None => return Err(bad(&"empty")),
+    };
+    if header.version != 1 {
+        return Err(bad(&format!("version {}", header.version)));
+    }
+    let lines = lines.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
+    Ok(Some(Snapshot {
+        sessions: header.sessions,
+        lines,
+    }))
+}
+
+impl Snapshot {
+    /// Rebuild the cache (and each shard's READY) of the shards in `resumed`.
+    pub fn restore(&self, hub: &Hub, resumed: &HashSet<u32>) -> usize {
+        let Some(front) = hub.frontdoor.get() else {
+            return 0;
+        };
+        let mut applied = 0;
+        for text in &self.lines {
+            let Ok(line) = serde_json::from_str::<Line>(text) else {
+                continue;
+            };
+            if !resumed.contains(&line.shard) {
+                continue;
+            }
+            if line.t == "READY"
+                && let Some(stats) = hub.shard(line.shard)
+            {
+                stats.set_ready(line.d.get().as_bytes());
+            }
+            front
+                .cache
+                .apply(line.shard, line.t, line.d.get().as_bytes());
+            applied += 1;
+        }
+        applied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_log::EventLog;
+    use crate::hub::IdentifyBudget;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn hub() -> Hub {
+        let hub = Hub::new(
+            EventLog::new(1, 1 << 20),
+            &[0, 1],
+            2,
+            vec![],
+            HashMap::new(),
+            IdentifyBudget::default(),
+        );
+        let _ = hub
+            .frontdoor
+            .set(Arc::new(crate::frontdoor::Shared::default()));
+        hub
+    }
+
+    fn feed(hub: &Hub, shard: u32, t: &str, d: &str) {
+        if t == "READY" {
+            hub.shard(shard).unwrap().set_ready(d.as_bytes());
+        }
+        hub.frontdoor
+            .get()
+            .unwrap()
+            .cache
+            .apply(shard, t, d.as_bytes());
+    }
+
+    #[test]
+    fn a_clean_restart_rebuilds_the_same_guilds() {
+        let before = hub();
+        feed(
+            &before,
+            0,
+            "READY",
+            r#"{"v":10,"session_id":"s0","user":{"id":"9"},"guilds":[{"id":"100","unavailable":true},{"id":"101","unavailable":true},{"id":"102","unavailable":true}]}"#,
+        );
+        feed(
+            &before,
+            0,
+            "GUILD_CREATE",
+            r#"{"id":"100","name":"a","member_count":2,"channels":[{"id":"5","type":0,"name":"general"}],"roles":[{"id":"100","name":"@everyone"}],"members":[{"user":{"id":"9"}}]}"#,
+        );
+        feed(
+            &before,
+            0,
+            "GUILD_CREATE",
+            r#"{"id":"102","name":"c","channels":[],"roles":[]}"#,
+        );
+        feed(&before, 0, "GUILD_DELETE", r#"{"id":"102"}"#);
+        feed(
+            &before,
+            0,
+            "CHANNEL_CREATE",
+            r#"{"id":"6","guild_id":"100","type":0,"name":"news"}"#,
+        );
+        feed(
+            &before,
+            1,
+            "READY",
+            r#"{"v":10,"session_id":"s1","user":{"id":"9"},"guilds":[{"id":"201","unavailable":true}]}"#,
+        );
+        feed(
+            &before,
+            1,
+            "GUILD_CREATE",
+            r#"{"id":"201","name":"b","channels":[],"roles":[]}"#,
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = path(dir.path());
+        let sessions = BTreeMap::from([(0, "s0".to_string()), (1, "s1".to_string())]);
+        save(&before, &sessions, &file).expect("saved");
+
+        let after = hub();
+        let snapshot = take(&file).expect("readable").expect("present");
+        assert!(!file.exists(), "good for one start only");
+        assert_eq!(snapshot.sessions, sessions);
+        snapshot.restore(&after, &HashSet::from([0]));
+        let (b, a) = (
+            &before.frontdoor.get().unwrap().cache,
+            &after.frontdoor.get().unwrap().cache,
+        );
+        assert_eq!(
+            a.shard_guilds(0),
+            b.shard_guilds(0),
+            "102 left, 101 still unavailable"
+        );
+        let json =
+            |s: Option<String>| s.map(|s| serde_json::from_str::<serde_json::Value>(&s).unwrap());
+        assert_eq!(json(a.guild_create(100)), json(b.guild_create(100)));
+        assert!(a.shard_guilds(1).is_empty(), "shard 1 was not resumed");
+        assert_eq!(
+            after.shard(0).unwrap().ready(),
+            before.shard(0).unwrap().ready()
+        );
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_refused_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = path(dir.path());
+        std::fs::write(&file, b"not zstd").expect("write");
+        assert!(take(&file).is_err());
+        assert!(!file.exists());
+        assert!(matches!(take(&file), Ok(None)));
+    }
+}

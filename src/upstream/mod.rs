@@ -1,0 +1,24 @@
+//! The upstream gateway: everything that faces Discord.
+//!
+//! - **Discord facts**: [`gateway`] (opcodes, the close-code table and its
+//!   classes, limits) and [`intents`] (the intent ↔ event table). Everything
+//!   else asks these tables rather than repeating them.
+//! - **Shard**: [`shard`] is the actor that owns one gateway session. It uses
+//!   [`compression`] (one inflate context per connection), [`envelope`]
+//!   (parses `op`/`s`/`t` only; `d` stays raw bytes), [`heartbeat`] (timing
+//!   and zombie detection) and [`ratelimit`] (the 120/60 s send limit).
+//! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
+//!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets
+//!   and the session-start budget), restarts crashed actors, detects
+//!   incidents and wires every other part together.
+
+pub mod compression;
+pub mod envelope;
+pub mod gateway;
+pub mod heartbeat;
+pub mod identify_queue;
+pub mod intents;
+pub mod ratelimit;
+pub mod rest;
+pub mod shard;
+pub mod supervisor;
