@@ -9,203 +9,22 @@
 //! them the tests are skipped with a printed reason, except under `CI`, where their
 //! absence fails.
 
+mod common;
+
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
-use serde_json::{Value, json};
+use common::bots::{Bot, Lib, READY_TIMEOUT, STEP_TIMEOUT, Target, assert_full_cache, bot_or_skip};
+use serde_json::json;
 use shardwarden::simulator::{Fault, SimConfig, Simulator, world};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 const SHARDS: u32 = 2;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Lib {
-    DiscordPy,
-    DiscordJs,
-}
-
-fn dropin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dropin")
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-/// The command that runs the library's bot, or why it cannot run.
-fn bot_command(lib: Lib) -> Result<Command, String> {
-    let dir = dropin_dir();
-    match lib {
-        Lib::DiscordPy => {
-            let python = dir.join(".venv/bin/python");
-            if !python.exists() {
-                return Err(format!(
-                    "{} is missing (run tests/dropin/setup.sh)",
-                    python.display()
-                ));
-            }
-            let mut c = Command::new(python);
-            c.arg(dir.join("python/bot.py"));
-            Ok(c)
-        }
-        Lib::DiscordJs => {
-            let module = dir.join("node/node_modules/discord.js/package.json");
-            if !module.exists() {
-                return Err(format!(
-                    "{} is missing (run tests/dropin/setup.sh)",
-                    module.display()
-                ));
-            }
-            let node_ok = std::process::Command::new("node")
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if !node_ok {
-                return Err("node is not on PATH".to_string());
-            }
-            let mut c = Command::new("node");
-            c.arg(dir.join("node/bot.js"));
-            Ok(c)
-        }
-    }
-}
-
-/// A running library bot: its stdout events and its stdin.
-struct Bot {
-    lib: Lib,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    events: mpsc::UnboundedReceiver<Value>,
-    seen: Vec<Value>,
-    stderr: tokio::task::JoinHandle<String>,
-}
-
-impl Bot {
-    fn spawn(
-        mut cmd: Command,
-        lib: Lib,
-        sim: &Simulator,
-        shards: &[u32],
-        env: &[(&str, &str)],
-    ) -> Bot {
-        let ids: Vec<String> = shards.iter().map(u32::to_string).collect();
-        cmd.env("SW_API_BASE", sim.api_base())
-            .env("SW_GATEWAY", sim.gateway_url())
-            .env("SW_TOKEN", sim.config().token)
-            .env("SW_SHARDS", ids.join(","))
-            .env("SW_SHARD_COUNT", SHARDS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd.envs(env.iter().copied());
-        let mut child = cmd.spawn().expect("spawn the bot");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| json!({"event": "stdout", "line": line}));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = tokio::spawn(async move {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s).await;
-            s
-        });
-        Bot {
-            lib,
-            stdin: child.stdin.take(),
-            child,
-            events,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    fn fail(&mut self, what: &str) -> ! {
-        let _ = self.child.start_kill();
-        let seen: Vec<String> = self.seen.iter().map(Value::to_string).collect();
-        panic!(
-            "{:?}: {what}\nevents so far:\n{}",
-            self.lib,
-            seen.join("\n")
-        );
-    }
-
-    /// The next event matching `pred` (events before it are kept in `seen`). An `error`
-    /// event fails the test.
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let ev = match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    let status = self.child.wait().await;
-                    let stderr = (&mut self.stderr).await.unwrap_or_default();
-                    self.fail(&format!(
-                        "bot exited ({status:?}) while waiting for {what}; stderr:\n{stderr}"
-                    ));
-                }
-                Err(_) => self.fail(&format!("timed out waiting for {what}")),
-            };
-            self.seen.push(ev.clone());
-            if ev["event"] == "error" {
-                self.fail(&format!("error event while waiting for {what}: {ev}"));
-            }
-            if pred(&ev) {
-                return ev;
-            }
-        }
-    }
-
-    async fn command(&mut self, cmd: Value) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        let line = format!("{cmd}\n");
-        if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
-            self.fail(&format!("could not write {cmd} to the bot"));
-        }
-    }
-
-    /// How many `message_create` events with this id were seen.
-    fn message_count(&self, id: &str) -> usize {
-        self.seen
-            .iter()
-            .filter(|e| e["event"] == "message_create" && e["id"] == id)
-            .count()
-    }
-}
-
-fn shard_of(guild: u64) -> u64 {
-    (guild >> 22) % u64::from(SHARDS)
-}
-
-/// The bot's command; `None` (after saying why) when the library is not installed and
-/// `CI` is not set. Under `CI` a missing library fails the test.
-fn bot_or_skip(lib: Lib) -> Option<Command> {
-    match bot_command(lib) {
-        Ok(c) => Some(c),
-        Err(why) if in_ci() => panic!("{lib:?} bot cannot run under CI: {why}"),
-        Err(why) => {
-            eprintln!("skipping this {lib:?} test: {why}");
-            None
-        }
+fn target(sim: &Simulator) -> Target {
+    Target {
+        api_base: sim.api_base(),
+        gateway: sim.gateway_url(),
+        token: sim.config().token,
+        shard_count: SHARDS,
     }
 }
 
@@ -221,39 +40,14 @@ async fn run_library(lib: Lib) {
     })
     .await
     .expect("simulator");
-    let mut bot = Bot::spawn(cmd, lib, &sim, &[0, 1], &[]);
+    let mut bot = Bot::spawn(cmd, lib, &target(&sim), &[0, 1], &[]);
 
     // 1. Ready, with every guild of both shards fully in the library's cache.
     let ready = bot
         .wait_for("ready", READY_TIMEOUT, |e| e["event"] == "ready")
         .await;
     let expected: BTreeSet<u64> = (0..SHARDS).flat_map(|s| sim.shard_guilds(s)).collect();
-    let guilds = ready["guilds"].as_array().cloned().unwrap_or_default();
-    let got: BTreeSet<u64> = guilds
-        .iter()
-        .filter_map(|g| g["id"].as_str()?.parse().ok())
-        .collect();
-    assert_eq!(got, expected, "{lib:?}: guilds in the cache: {ready}");
-    for g in &guilds {
-        let id: u64 = g["id"].as_str().unwrap().parse().unwrap();
-        let gc = world::guild_create(id, 0);
-        let count = |k: &str| gc[k].as_array().map_or(0, Vec::len);
-        assert_eq!(g["shard"], shard_of(id), "{lib:?}: shard of {g}");
-        assert_eq!(g["channels"], count("channels"), "{lib:?}: channels of {g}");
-        assert_eq!(g["text_channels"], 3, "{lib:?}: {g}");
-        assert_eq!(g["voice_channels"], 1, "{lib:?}: {g}");
-        assert_eq!(g["categories"], 2, "{lib:?}: {g}");
-        assert_eq!(g["threads"], count("threads"), "{lib:?}: threads of {g}");
-        assert_eq!(g["roles"], count("roles"), "{lib:?}: roles of {g}");
-        assert_eq!(g["emojis"], count("emojis"), "{lib:?}: emojis of {g}");
-        assert_eq!(g["stickers"], count("stickers"), "{lib:?}: stickers of {g}");
-        assert_eq!(g["member_count"], gc["member_count"], "{lib:?}: {g}");
-        // Without GUILD_PRESENCES: the bot and the member in voice.
-        assert_eq!(g["members"], count("members"), "{lib:?}: members of {g}");
-        assert_eq!(g["me"], true, "{lib:?}: the bot's own member of {g}");
-    }
-    assert_eq!(ready["user_id"], shardwarden::simulator::BOT_USER_ID);
-    assert_eq!(ready["application_id"], shardwarden::simulator::BOT_USER_ID);
+    assert_full_cache(lib, &ready, &expected, SHARDS);
 
     // One IDENTIFY per shard; every REST call with a library User-Agent and answered 200.
     let identifies: Vec<_> = sim.frames().into_iter().filter(|f| f.op == 2).collect();
@@ -465,14 +259,7 @@ async fn run_library(lib: Lib) {
     }
 
     // 7. exit: the bot closes and ends with status 0.
-    bot.command(json!({"op": "exit"})).await;
-    bot.wait_for("exit", STEP_TIMEOUT, |e| e["event"] == "exit")
-        .await;
-    let status = tokio::time::timeout(STEP_TIMEOUT, bot.child.wait())
-        .await
-        .expect("the bot exits")
-        .expect("wait");
-    assert!(status.success(), "{lib:?}: exit status {status}");
+    bot.exit().await;
 }
 
 /// discord.py where zstandard is not installed asks for zlib-stream; one shard of two.
@@ -487,7 +274,13 @@ async fn discord_py_with_zlib_stream_runs_one_shard_of_two() {
     })
     .await
     .expect("simulator");
-    let mut bot = Bot::spawn(cmd, lib, &sim, &[1], &[("SW_COMPRESS", "zlib-stream")]);
+    let mut bot = Bot::spawn(
+        cmd,
+        lib,
+        &target(&sim),
+        &[1],
+        &[("SW_COMPRESS", "zlib-stream")],
+    );
     let ready = bot
         .wait_for("ready", READY_TIMEOUT, |e| e["event"] == "ready")
         .await;
@@ -515,14 +308,7 @@ async fn discord_py_with_zlib_stream_runs_one_shard_of_two() {
         })
         .await;
     assert_eq!(ev["content"], "inflated");
-    bot.command(json!({"op": "exit"})).await;
-    bot.wait_for("exit", STEP_TIMEOUT, |e| e["event"] == "exit")
-        .await;
-    let status = tokio::time::timeout(STEP_TIMEOUT, bot.child.wait())
-        .await
-        .expect("the bot exits")
-        .expect("wait");
-    assert!(status.success(), "exit status {status}");
+    bot.exit().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 //! simulator over real loopback sockets.
 #![allow(dead_code)]
 
+pub mod bots;
 pub mod daemon;
 pub mod servers;
 

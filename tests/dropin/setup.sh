@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real bot libraries of the drop-in tests (tests/libraries.rs and the front-door
-# tests): a venv with the pinned discord.py at tests/dropin/.venv, and the locked discord.js
+# Installs the real bot libraries of the drop-in tests (tests/libraries.rs and
+# tests/dropin.rs): a venv with the pinned discord.py at tests/dropin/.venv, and the locked discord.js
 # in tests/dropin/node/node_modules. Needs python3 and node; installs python3-venv and npm
 # from apt when they are missing. Safe to run again; .ci/run calls it.
 set -euo pipefail

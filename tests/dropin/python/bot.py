@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import traceback
 
 if os.environ.get("SW_COMPRESS") == "zlib-stream":
@@ -111,9 +112,25 @@ class Bot(discord.AutoShardedClient):
         emit("error", where=event_method, message=traceback.format_exc(limit=3))
 
     async def read_commands(self):
+        # A daemon thread, not run_in_executor: asyncio.run() waits for its executor's
+        # threads at exit, so a readline blocked there kept the bot alive after a fatal
+        # gateway close instead of exiting with status 2.
         loop = asyncio.get_running_loop()
+        lines = asyncio.Queue()
+
+        def pump():
+            try:
+                while True:
+                    line = sys.stdin.readline()
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                    if not line:
+                        return
+            except RuntimeError:  # the loop is closed: the bot is exiting
+                return
+
+        threading.Thread(target=pump, name="stdin", daemon=True).start()
         while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
+            line = await lines.get()
             if not line:
                 emit("exit", reason="stdin closed")
                 await self.close()
