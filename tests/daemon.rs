@@ -378,6 +378,10 @@ async fn status_prints_a_table_and_exits_by_health() {
         text.contains("; 1 bot(s) connected"),
         "status does not count itself: {text}"
     );
+    assert!(
+        !text.contains("shardwarden-status"),
+        "nor lists itself as a client: {text}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.contains("active")).count(),
         3,
