@@ -189,6 +189,12 @@ pub struct ShardStats {
     /// The latest `session` line about this shard, replayed to diagnostics
     /// bots when they connect so they know each shard's state at once.
     last_report: Mutex<Option<Bytes>>,
+    /// This daemon runs the shard now. Always true without `[cluster]`;
+    /// with it, true only while this daemon holds the shard's lease.
+    pub owned: std::sync::atomic::AtomicBool,
+    /// The fencing token of this daemon's lease on the shard (0 = none, or
+    /// no `[cluster]`).
+    pub fence: AtomicU64,
     /// `d` of the session's READY as Discord sent it: the front door builds
     /// each drop-in client's READY from it (DESIGN.md §5).
     ready: Mutex<Option<Bytes>>,
@@ -235,8 +241,15 @@ impl ShardStats {
             session_ids: Mutex::new(std::collections::VecDeque::new()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
             last_report: Mutex::new(None),
+            owned: std::sync::atomic::AtomicBool::new(true),
+            fence: AtomicU64::new(0),
             ready: Mutex::new(None),
         }
+    }
+
+    /// Whether this daemon runs the shard now.
+    pub fn is_owned(&self) -> bool {
+        self.owned.load(Ordering::Relaxed)
     }
 
     /// Keep the raw `d` of this shard's READY (once per session).
@@ -420,6 +433,8 @@ pub struct Hub {
     pub session_changed: tokio::sync::Notify,
     /// The JetStream sink's state (DESIGN §4).
     pub broker: crate::cluster::broker::BrokerStats,
+    /// Redis coordination's state (DESIGN §4).
+    pub cluster: crate::cluster::ownership::ClusterStats,
     /// Highest cursor handed to any bot's socket (0 = none).
     pub delivered: AtomicU64,
     /// Bot clients connected now.
@@ -472,6 +487,7 @@ impl Hub {
             unforwarded: AtomicU64::new(0),
             session_changed: tokio::sync::Notify::new(),
             broker: Default::default(),
+            cluster: Default::default(),
             delivered: AtomicU64::new(0),
             bot_clients: AtomicU32::new(0),
             gaps: AtomicU64::new(0),
@@ -537,9 +553,21 @@ impl Hub {
         u128::MAX
     }
 
-    /// Stats of an owned shard.
+    /// Stats of a shard this daemon runs now (`None`: not owned; with
+    /// `[cluster]`, not leased by this daemon at the moment).
     pub fn shard(&self, shard: u32) -> Option<&Arc<ShardStats>> {
+        self.shard_stats(shard).filter(|s| s.is_owned())
+    }
+
+    /// Stats of a shard this daemon may run (with `[cluster]`: every shard
+    /// it may lease), owned now or not.
+    pub fn shard_stats(&self, shard: u32) -> Option<&Arc<ShardStats>> {
         self.shards.iter().find(|s| s.shard == shard)
+    }
+
+    /// The shards this daemon runs now.
+    pub fn owned(&self) -> impl Iterator<Item = &Arc<ShardStats>> {
+        self.shards.iter().filter(|s| s.is_owned())
     }
 
     /// Shard that owns a guild: `(guild_id >> 22) % shard_total`.
@@ -602,8 +630,7 @@ impl Hub {
     /// The `health` message (DESIGN.md §3.2) as one line.
     pub fn health_line(&self) -> Bytes {
         let shards: Vec<HealthShard> = self
-            .shards
-            .iter()
+            .owned()
             .map(|s| HealthShard {
                 shard: s.shard,
                 state: s.state().as_str(),
@@ -632,6 +659,7 @@ impl Hub {
             clients: self.consumers.view(head),
             unforwarded: self.unforwarded.load(Ordering::Relaxed),
             broker: self.broker.view(head),
+            cluster: self.cluster.view(self),
             incident: self.incident().map(|i| HealthIncident {
                 state: i.state,
                 since: i.at,
@@ -679,6 +707,9 @@ struct HealthMessage {
     /// The JetStream sink, when `[broker]` is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<crate::cluster::broker::BrokerView>,
+    /// Redis coordination and this daemon's shard leases, with `[cluster]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<crate::cluster::ownership::ClusterView>,
     /// The suspected Discord-side incident in progress (`null`: none).
     incident: Option<HealthIncident>,
 }

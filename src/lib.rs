@@ -17,7 +17,10 @@
 //! - [`frontdoor`]: unmodified bot libraries connect as if shardwarden were
 //!   Discord (DESIGN §5, §6), served from the state cache and the event log.
 //! - [`cluster`]: beyond one machine (DESIGN §4): the JetStream sink and
-//!   commands from remote workers.
+//!   commands from remote workers; with `[cluster]`, Redis shard leases (the
+//!   supervisor starts and stops shard actors as leases come and go),
+//!   sessions kept for a takeover, and the identify queue's buckets and
+//!   budget shared by every daemon of the bot.
 //! - [`ops`]: configuration, `check-config`, the state directory
 //!   ([`persist`], [`state`]), `status`, metrics, systemd, the demo.
 //! - [`simulator`]: an embedded, scriptable Discord used by the demo, the

@@ -20,6 +20,8 @@ fn load(name: &str) -> Config {
 #[test]
 fn example_configs_load() {
     load("config/shardwarden.toml");
+    let cluster = load("config/cluster-host-a.toml");
+    assert!(cluster.cluster.is_some() && cluster.broker.is_some());
     let demo = load("config/demo.toml");
     assert!(demo.discord.api_base.starts_with("http://127.0.0.1:"));
 }

@@ -512,7 +512,7 @@ fn plan_welcome(hub: &Hub, cfg: &BotServerConfig, resume_from: Option<u64>) -> (
     let oldest = hub.log.oldest_held();
     // Everything up to this cursor has either been handed out or is held.
     let held_from = oldest.unwrap_or(head + 1);
-    let mut shards: Vec<u32> = hub.shards.iter().map(|s| s.shard).collect();
+    let mut shards: Vec<u32> = hub.owned().map(|s| s.shard).collect();
     shards.sort_unstable();
     let mut welcome = Welcome {
         op: "welcome",
@@ -641,8 +641,7 @@ async fn serve_bot(
         // Each shard's latest session report (and an incident in progress),
         // so the bot knows where things stand without waiting for a change.
         let snapshot: Vec<u8> = hub
-            .shards
-            .iter()
+            .owned()
             .filter_map(|s| s.last_report())
             .chain(hub.incident().map(|i| i.line()))
             .flat_map(|line| line.to_vec())

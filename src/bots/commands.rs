@@ -32,7 +32,7 @@ pub fn shards_for(hub: &Hub, send: &SendRequest) -> Vec<u32> {
 }
 
 fn owned(hub: &Hub) -> String {
-    let mut owned: Vec<u32> = hub.shards.iter().map(|s| s.shard).collect();
+    let mut owned: Vec<u32> = hub.owned().map(|s| s.shard).collect();
     owned.sort_unstable();
     format!("it owns {owned:?} of {}", hub.shard_total)
 }

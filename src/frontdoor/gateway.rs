@@ -376,7 +376,7 @@ where
             Some([id, _]) => id as u32,
         };
         if self.ctx.hub.shard(shard).is_none() {
-            let owned: Vec<u32> = self.ctx.hub.shards.iter().map(|s| s.shard).collect();
+            let owned: Vec<u32> = self.ctx.hub.owned().map(|s| s.shard).collect();
             return Err(self
                 .close(
                     close::INVALID_SHARD,

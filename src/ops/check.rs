@@ -56,6 +56,16 @@ pub fn check_config(path: &Path) -> ExitCode {
     };
     let range = match (config.shards.range, config.shards.total) {
         (ShardRange::All, _) => "all".to_string(),
+        (ShardRange::Auto, _) => format!(
+            "auto (claimed through Redis leases, {})",
+            config
+                .cluster
+                .as_ref()
+                .and_then(|c| c.max_shards)
+                .map_or("no per-daemon maximum".to_string(), |m| format!(
+                    "at most {m} shards"
+                ))
+        ),
         (ShardRange::Span(a, b), _) => format!("{a}..{b} (shards {a}–{}, {} shards)", b - 1, b - a),
     };
     println!(
@@ -77,6 +87,15 @@ pub fn check_config(path: &Path) -> ExitCode {
             b.max_bytes,
             b.max_age.as_secs(),
             b.duplicate_window.as_secs()
+        );
+    }
+    if let Some(c) = &config.cluster {
+        println!(
+            "cluster     Redis at {}, name {:?}, lease_ttl {} s (renewed every {} ms): identify buckets, budget, shard leases and sessions shared",
+            crate::cluster::coord::redacted_url(&c.redis),
+            c.name,
+            c.lease_ttl.as_secs_f64(),
+            (c.lease_ttl / 3).as_millis()
         );
     }
     println!(

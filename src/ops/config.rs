@@ -82,6 +82,9 @@ pub enum ShardRange {
     All,
     /// `start..end`, end excluded.
     Span(u32, u32),
+    /// `"auto"` (only with `[cluster]`): any shard whose lease is free,
+    /// claimed at run time (DESIGN §4).
+    Auto,
 }
 
 impl ShardRange {
@@ -89,7 +92,7 @@ impl ShardRange {
     /// not fit.
     pub fn resolve(self, total: u32) -> Result<Vec<u32>, String> {
         match self {
-            ShardRange::All => Ok((0..total).collect()),
+            ShardRange::All | ShardRange::Auto => Ok((0..total).collect()),
             ShardRange::Span(start, end) if end <= total => Ok((start..end).collect()),
             ShardRange::Span(start, end) => Err(format!(
                 "[shards] range = \"{start}..{end}\" does not fit in total = {total}: the end (excluded) must be at most {total}"
@@ -102,6 +105,7 @@ impl fmt::Display for ShardRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ShardRange::All => f.write_str("all"),
+            ShardRange::Auto => f.write_str("auto"),
             ShardRange::Span(start, end) => write!(f, "{start}..{end}"),
         }
     }
@@ -216,6 +220,23 @@ pub struct Config {
     /// `[broker]`: JetStream for events and commands (DESIGN §4); off when
     /// absent.
     pub broker: Option<BrokerConfig>,
+    /// `[cluster]`: Redis coordination between daemons (DESIGN §4); off
+    /// when absent.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` (DESIGN §4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Redis URL (`redis://host:6379/0`, or `rediss://` for TLS).
+    pub redis: String,
+    /// This daemon's name in leases and logs.
+    pub name: String,
+    /// Shard leases expire this long after their last renewal (renewed
+    /// every third of it).
+    pub lease_ttl: Duration,
+    /// With `range = "auto"`: claim at most this many shards.
+    pub max_shards: Option<u32>,
 }
 
 /// `[broker]` (DESIGN §4).
@@ -277,6 +298,16 @@ struct RawConfig {
     state: RawState,
     proxy: Option<RawProxy>,
     broker: Option<RawBroker>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis: Option<String>,
+    name: Option<String>,
+    lease_ttl: Option<String>,
+    max_shards: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -364,6 +395,8 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/shardwarden";
     /// How old a persisted session may be and still be resumed.
     pub const RESUME_WINDOW_SECS: u64 = 120;
+    /// `[cluster] lease_ttl`.
+    pub const LEASE_TTL_SECS: u64 = 30;
     /// `[proxy] heartbeat_interval`: Discord's usual 41.25 s.
     pub const PROXY_HEARTBEAT_MS: u64 = 41_250;
     /// `[proxy] global_rate_limit`: Discord's global limit per bot.
@@ -473,6 +506,7 @@ impl Config {
         };
         let range = match s.range.as_deref() {
             None | Some("all") => ShardRange::All,
+            Some("auto") => ShardRange::Auto,
             Some(text) => match parse_range(text) {
                 Ok(r) => r,
                 Err(e) => {
@@ -609,6 +643,16 @@ impl Config {
 
         let proxy = raw.proxy.and_then(|p| parse_proxy(p, &mut problems));
         let broker = raw.broker.map(|b| broker_config(b, &mut problems));
+        let cluster = raw.cluster.map(|c| cluster_config(c, &mut problems));
+        if range == ShardRange::Auto && cluster.is_none() {
+            problems.push("[shards] range = \"auto\" needs [cluster]: shards are claimed through Redis leases shared by the daemons; add [cluster] redis = \"redis://host:6379/0\", or set range = \"all\" or \"START..END\"".to_string());
+        }
+        if let Some(c) = &cluster
+            && c.max_shards.is_some()
+            && range != ShardRange::Auto
+        {
+            problems.push(format!("[cluster] max_shards = {} applies only to [shards] range = \"auto\" (range is \"{range}\"): remove it or set range = \"auto\"", c.max_shards.unwrap_or(0)));
+        }
 
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -645,8 +689,69 @@ impl Config {
             },
             proxy,
             broker,
+            cluster,
         })
     }
+}
+
+/// `[cluster]`, with every problem added to `problems`.
+fn cluster_config(c: RawCluster, problems: &mut Vec<String>) -> ClusterConfig {
+    let redis = c.redis.unwrap_or_default();
+    if redis.is_empty() {
+        problems.push("[cluster] redis is required when [cluster] is present: the Redis URL, e.g. \"redis://127.0.0.1:6379/0\" (remove [cluster] to run alone)".to_string());
+    } else if !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
+        || redis::Client::open(redis.as_str()).is_err()
+    {
+        // Never echo the URL: it may carry a password.
+        problems.push("[cluster] redis is not a valid Redis URL: use redis://[:password@]host:port/db (or rediss:// for TLS)".to_string());
+    }
+    let name = match c.name {
+        Some(n) if !n.trim().is_empty() && !n.contains(char::is_whitespace) && n.len() <= 64 => n,
+        Some(n) => {
+            problems.push(format!("[cluster] name = {n:?} is not valid: use 1–64 characters without spaces (default: the host name)"));
+            n
+        }
+        None => default_cluster_name(),
+    };
+    let lease_ttl = match c.lease_ttl.as_deref().map(parse_duration) {
+        None => Duration::from_secs(defaults::LEASE_TTL_SECS),
+        Some(Ok(d)) if d >= Duration::from_secs(1) => d,
+        Some(Ok(_)) => {
+            problems.push("[cluster] lease_ttl is too short: use at least \"1s\" (default \"30s\"; renewed every third of it)".to_string());
+            Duration::from_secs(defaults::LEASE_TTL_SECS)
+        }
+        Some(Err(e)) => {
+            problems.push(format!(
+                "[cluster] lease_ttl = {:?}: {e}",
+                c.lease_ttl.unwrap_or_default()
+            ));
+            Duration::from_secs(defaults::LEASE_TTL_SECS)
+        }
+    };
+    let max_shards = match c.max_shards {
+        None => None,
+        Some(n) if (1..=u32::MAX as i64).contains(&n) => Some(n as u32),
+        Some(n) => {
+            problems.push(format!("[cluster] max_shards = {n} is not valid: use a whole number ≥ 1 (or leave it out: no limit)"));
+            None
+        }
+    };
+    ClusterConfig {
+        redis,
+        name,
+        lease_ttl,
+        max_shards,
+    }
+}
+
+/// The host name (`[cluster] name`'s default).
+fn default_cluster_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shardwarden".to_string())
 }
 
 /// `[proxy]`; `None` (with problems pushed) when it is unusable.

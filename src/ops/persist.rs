@@ -194,8 +194,7 @@ impl Persister {
     pub fn snapshot(&self, clean: bool, sessions: Option<Vec<(u32, ResumeState)>>) -> SavedState {
         let live = || {
             self.hub
-                .shards
-                .iter()
+                .owned()
                 .filter_map(|s| {
                     let info = s.session();
                     Some((

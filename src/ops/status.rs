@@ -241,6 +241,40 @@ fn write_extras(out: &mut String, health: &Value) {
             b["missed"],
         );
     }
+    if let Some(c) = health.get("cluster").filter(|c| c.is_object()) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Cluster: this daemon is {:?}; Redis {}{}; lease_ttl {} ms; renewals {}, claims {}, takeovers {}, leases lost {}",
+            c["name"].as_str().unwrap_or("?"),
+            if c["redis"] == "connected" {
+                "connected".to_string()
+            } else {
+                "DOWN (running shards keep running while their leases last; new identifies wait)"
+                    .to_string()
+            },
+            c["redis_error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            c["lease_ttl_ms"],
+            c["renewals"],
+            c["claims"],
+            c["takeovers"],
+            c["lost"],
+        );
+        let leases = c["leases"].as_array().cloned().unwrap_or_default();
+        let _ = writeln!(out, "{:>5}  {:<24} {:>8}", "lease", "owner", "fence");
+        for l in &leases {
+            let _ = writeln!(
+                out,
+                "{:>5}  {:<24} {:>8}",
+                l["shard"],
+                l["owner"].as_str().unwrap_or("?"),
+                l["fence"]
+            );
+        }
+    }
     if let Some(n) = health["unforwarded"].as_u64().filter(|&n| n > 0) {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -273,5 +307,25 @@ mod tests {
         );
         health["incident"] = Value::Null;
         assert!(!table(&health).contains("incident"));
+    }
+
+    #[test]
+    fn the_table_shows_leases_and_redis() {
+        let health = json!({
+            "op": "health", "shards": [], "identify_budget": {"remaining": 9, "total": 10},
+            "head": 0, "oldest": null, "bot_clients": 0,
+            "cluster": {"name": "host-a", "redis": "down", "redis_error": "no answer within 500 ms",
+                        "lease_ttl_ms": 3000, "renewals": 5, "claims": 2, "takeovers": 1, "lost": 0,
+                        "leases": [{"shard": 4, "owner": "host-a", "fence": 17}]},
+        });
+        let text = table(&health);
+        assert!(text.contains("Redis DOWN"), "{text}");
+        assert!(text.contains("(no answer within 500 ms)"), "{text}");
+        assert!(text.contains("takeovers 1"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["4", "host-a", "17"]),
+            "{text}"
+        );
     }
 }

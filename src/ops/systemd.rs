@@ -50,8 +50,7 @@ impl Notifier {
     pub fn update(&mut self, hub: &Hub) {
         let status = status_line(hub);
         let settled = hub
-            .shards
-            .iter()
+            .owned()
             .all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal));
         if settled && !self.ready_sent {
             self.ready_sent = true;
@@ -100,16 +99,14 @@ impl Notifier {
 /// `16/16 shards active, p50 latency 41 ms, 2 bots, identify budget 990/1000`.
 pub fn status_line(hub: &Hub) -> String {
     let active = hub
-        .shards
-        .iter()
+        .owned()
         .filter(|s| s.state() == ShardState::Active)
         .count();
     let fatal = hub
-        .shards
-        .iter()
+        .owned()
         .filter(|s| s.state() == ShardState::Fatal)
         .count();
-    let mut latencies: Vec<u64> = hub.shards.iter().filter_map(|s| s.latency_ms()).collect();
+    let mut latencies: Vec<u64> = hub.owned().filter_map(|s| s.latency_ms()).collect();
     latencies.sort_unstable();
     let p50 = latencies
         .get(latencies.len() / 2)
@@ -122,7 +119,7 @@ pub fn status_line(hub: &Hub) -> String {
     };
     format!(
         "{active}/{} shards active{fatal}, p50 latency {p50}, {} bots, identify budget {}/{}",
-        hub.shards.len(),
+        hub.owned().count(),
         hub.bot_clients.load(Ordering::Relaxed),
         budget.remaining,
         budget.total

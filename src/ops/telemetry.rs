@@ -124,6 +124,11 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
     let shards_active = gauge!("shardwarden_shards_active");
     let shards_owned = gauge!("shardwarden_shards_owned");
     let unforwarded = counter!("shardwarden_unforwarded_events_total");
+    let redis_up = gauge!("shardwarden_redis_up");
+    let lease_renewals = counter!("shardwarden_lease_renewals_total");
+    let lease_claims = counter!("shardwarden_lease_claims_total");
+    let takeovers = counter!("shardwarden_lease_takeovers_total");
+    let leases_lost = counter!("shardwarden_leases_lost_total");
     let incident = gauge!("shardwarden_discord_incident");
     let incidents = counter!("shardwarden_discord_incidents_total");
     let dropin_connected = gauge!("shardwarden_dropin_sessions", "state" => "connected");
@@ -151,17 +156,28 @@ pub async fn export_loop(hub: Arc<Hub>, every: Duration, mut shutdown: watch::Re
         gaps.absolute(hub.gaps.load(Ordering::Relaxed));
         missed.absolute(hub.missed.load(Ordering::Relaxed));
         shards_active.set(
-            hub.shards
-                .iter()
+            hub.owned()
                 .filter(|s| s.state() == ShardState::Active)
                 .count() as f64,
         );
-        shards_owned.set(hub.shards.len() as f64);
+        shards_owned.set(hub.owned().count() as f64);
         unforwarded.absolute(hub.unforwarded.load(Ordering::Relaxed));
         for client in hub.consumers.view(hub.log.head()) {
             if let Some(lag) = client.lag {
                 gauge!("shardwarden_client_ack_lag", "client" => client.client).set(lag as f64);
             }
+        }
+        if hub.cluster.enabled.load(Ordering::Relaxed) {
+            let c = &hub.cluster;
+            redis_up.set(if c.redis_up.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            });
+            lease_renewals.absolute(c.renewals.load(Ordering::Relaxed));
+            lease_claims.absolute(c.claims.load(Ordering::Relaxed));
+            takeovers.absolute(c.takeovers.load(Ordering::Relaxed));
+            leases_lost.absolute(c.lost.load(Ordering::Relaxed));
         }
         incident.set(if hub.incident().is_some() { 1.0 } else { 0.0 });
         incidents.absolute(hub.incidents.load(Ordering::Relaxed));

@@ -92,6 +92,9 @@ pub struct IdentifyQueue {
     refreshed: Mutex<Option<Instant>>,
     /// Discord's recommended shard count as last read.
     recommended_shards: AtomicU32,
+    /// With `[cluster]`: the Redis side, shared by every daemon of the bot
+    /// (bucket turns and the session-start budget).
+    cluster: OnceLock<Arc<crate::cluster::coord::Redis>>,
     hub: Arc<Hub>,
 }
 
@@ -124,6 +127,7 @@ impl IdentifyQueue {
             source: OnceLock::new(),
             refreshed: Mutex::new(None),
             recommended_shards: AtomicU32::new(0),
+            cluster: OnceLock::new(),
             hub,
         }
     }
@@ -189,6 +193,105 @@ impl IdentifyQueue {
         let _ = self.source.set(source);
     }
 
+    /// Share turns and the budget with every daemon through Redis from now
+    /// on (`[cluster]`): a turn then also holds the bucket's Redis lease, and
+    /// the session start is spent from Redis's counter.
+    pub fn set_cluster(&self, redis: Arc<crate::cluster::coord::Redis>) {
+        let _ = self.cluster.set(redis);
+    }
+
+    /// The bucket's Redis lease and one session start from Redis's counter.
+    /// Waits (and says why) while Redis does not answer: never an IDENTIFY
+    /// without the lease. `Err(wait)` at the reserve.
+    async fn cluster_turn(
+        &self,
+        redis: &Arc<crate::cluster::coord::Redis>,
+        shard: u32,
+        bucket: u32,
+    ) -> Result<ClusterTurn, Duration> {
+        use crate::cluster::coord::Reserve;
+        let mut said: Option<Instant> = None;
+        let mut say = |why: &str| {
+            if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                said = Some(Instant::now());
+                tracing::warn!(shard, bucket, event = %"identify_waiting", "shard {shard} waits to identify: {why}; it never identifies without its bucket's Redis lease");
+            }
+        };
+        loop {
+            let token = match redis.take_turn(bucket, CLUSTER_TURN_HOLD).await {
+                Ok(Some(token)) => token,
+                Ok(None) => {
+                    tokio::time::sleep(CLUSTER_POLL).await;
+                    continue;
+                }
+                Err(e) => {
+                    say(&format!("Redis does not answer ({e})"));
+                    tokio::time::sleep(CLUSTER_RETRY).await;
+                    continue;
+                }
+            };
+            let mut figures_read = false;
+            loop {
+                match redis
+                    .reserve_start(
+                        self.reserve.load(Ordering::Relaxed),
+                        &token,
+                        CLUSTER_TURN_HOLD,
+                    )
+                    .await
+                {
+                    Ok(Reserve::Spent { remaining, total }) => {
+                        let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+                        budget.remaining = remaining;
+                        budget.total = total;
+                        return Ok(ClusterTurn {
+                            redis: redis.clone(),
+                            bucket,
+                            token,
+                            window: self.interval() + MARGIN,
+                        });
+                    }
+                    Ok(Reserve::AtReserve {
+                        remaining,
+                        resets_at_ms,
+                    }) => {
+                        let _ = redis.turn_abandoned(bucket, &token).await;
+                        let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+                        budget.remaining = remaining;
+                        budget.resets_at_ms = resets_at_ms;
+                        let now = crate::clock::unix_millis();
+                        return Err(Duration::from_millis(
+                            resets_at_ms.saturating_sub(now).max(1000),
+                        ));
+                    }
+                    Ok(Reserve::NeedFigures) if !figures_read => {
+                        figures_read = true;
+                        if self.refresh().await != Refresh::Applied {
+                            // No fresh figures from Discord: seed Redis from
+                            // the last ones this daemon read.
+                            let budget = *self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
+                            let _ = redis
+                                .reconcile(budget.remaining, budget.total, budget.resets_at_ms)
+                                .await;
+                        }
+                    }
+                    Ok(Reserve::NeedFigures) => {
+                        let _ = redis.turn_abandoned(bucket, &token).await;
+                        say("no session-start figures in Redis yet (re-reading /gateway/bot)");
+                        tokio::time::sleep(CLUSTER_RETRY).await;
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = redis.turn_abandoned(bucket, &token).await;
+                        say(&format!("Redis does not answer ({e})"));
+                        tokio::time::sleep(CLUSTER_RETRY).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Change the reserve (SIGHUP reload).
     pub fn set_reserve(&self, reserve: u32) {
         self.reserve.store(reserve, Ordering::Relaxed);
@@ -246,8 +349,16 @@ impl IdentifyQueue {
             }
             // After a long pause our figures may be far from Discord's.
             self.refresh_if_older_than(STALE_AFTER).await;
-            match self.reserve_start() {
-                Ok(reserved) => {
+            let granted = match self.cluster.get() {
+                // Redis holds the bot's budget: its counter is spent instead.
+                Some(redis) => self
+                    .cluster_turn(redis, shard, index as u32)
+                    .await
+                    .map(|turn| (false, Some(turn))),
+                None => self.reserve_start().map(|reserved| (reserved, None)),
+            };
+            match granted {
+                Ok((reserved, cluster)) => {
                     return IdentifyPermit {
                         last,
                         reserved: reserved.then(|| self.reserved.clone()),
@@ -255,6 +366,7 @@ impl IdentifyQueue {
                         sent_ms: self.sent_ms.clone(),
                         index,
                         identified: self.identified.clone(),
+                        cluster,
                     };
                 }
                 Err(wait) => {
@@ -373,6 +485,9 @@ impl IdentifyQueue {
         match outcome {
             Ok(Ok(info)) => {
                 self.apply(&info);
+                if let Some(redis) = self.cluster.get() {
+                    self.reconcile_cluster(redis, &info).await;
+                }
                 Refresh::Applied
             }
             Ok(Err(e)) => {
@@ -382,6 +497,38 @@ impl IdentifyQueue {
             Err(_) => {
                 tracing::warn!(event = %"gateway_bot_refresh", "/gateway/bot did not answer within {} s; keeping the identify budget figures held", REFRESH_TIMEOUT.as_secs());
                 Refresh::Failed
+            }
+        }
+    }
+
+    /// Put Discord's figures into Redis (Discord wins), saying how far the
+    /// shared counter was off.
+    async fn reconcile_cluster(&self, redis: &crate::cluster::coord::Redis, info: &GatewayBot) {
+        let limit = &info.session_start_limit;
+        let resets_at_ms = crate::clock::unix_millis() + limit.reset_after;
+        match redis
+            .reconcile(limit.remaining, limit.total, resets_at_ms)
+            .await
+        {
+            Ok(Some((remaining, total)))
+                if remaining != limit.remaining || total != limit.total =>
+            {
+                tracing::warn!(
+                    event = %"identify_budget_corrected",
+                    redis_remaining = remaining,
+                    redis_total = total,
+                    discord_remaining = limit.remaining,
+                    discord_total = limit.total,
+                    "/gateway/bot says {} of {} session starts are left, the shared Redis counter said {} of {}; Redis now holds Discord's figures",
+                    limit.remaining,
+                    limit.total,
+                    remaining,
+                    total
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(event = %"gateway_bot_refresh", error = %e, "cannot put /gateway/bot's figures into Redis; identifies wait for Redis")
             }
         }
     }
@@ -497,7 +644,28 @@ pub struct IdentifyPermit {
     sent_ms: Arc<std::sync::Mutex<Vec<u64>>>,
     index: usize,
     identified: Arc<Notify>,
+    /// With `[cluster]`: the bucket's Redis lease for this turn (the start
+    /// was spent from Redis's counter).
+    cluster: Option<ClusterTurn>,
 }
+/// A turn's hold on its bucket in Redis.
+struct ClusterTurn {
+    redis: Arc<crate::cluster::coord::Redis>,
+    bucket: u32,
+    token: String,
+    /// How long the bucket stays taken after the IDENTIFY frame.
+    window: Duration,
+}
+
+/// Longest a turn holds a bucket in Redis if its daemon dies before the
+/// IDENTIFY (connect and HELLO fit well within it).
+const CLUSTER_TURN_HOLD: Duration = Duration::from_secs(30);
+
+/// How often a taken bucket is asked for again.
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
+
+/// How soon Redis is asked again after it did not answer.
+const CLUSTER_RETRY: Duration = Duration::from_millis(500);
 
 impl IdentifyPermit {
     /// The IDENTIFY frame went out now: start the bucket's 5 s; the session
@@ -513,6 +681,17 @@ impl IdentifyPermit {
             *at = crate::clock::unix_millis();
         }
         self.identified.notify_one();
+        if let Some(turn) = self.cluster.take() {
+            // The bucket stays taken in Redis for the window from now; the
+            // start was spent from Redis's counter when the turn began.
+            tokio::spawn(async move {
+                let _ = turn
+                    .redis
+                    .turn_sent(turn.bucket, &turn.token, turn.window)
+                    .await;
+            });
+            return;
+        }
         let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
         match self.reserved.take() {
             Some(reserved) => {
@@ -528,6 +707,14 @@ impl Drop for IdentifyPermit {
     /// Dropped unsent (the connection failed before IDENTIFY): give the
     /// session start back.
     fn drop(&mut self) {
+        if let Some(turn) = self.cluster.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = turn.redis.turn_abandoned(turn.bucket, &turn.token).await;
+                let _ = turn.redis.give_back_start(&turn.token).await;
+            });
+        }
         if let Some(reserved) = self.reserved.take() {
             let mut budget = self.hub.budget.lock().unwrap_or_else(|p| p.into_inner());
             reserved.fetch_sub(1, Ordering::Relaxed);

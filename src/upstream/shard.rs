@@ -241,6 +241,12 @@ impl Shard {
         self.config.shard
     }
 
+    /// The command receiver back, once the actor has stopped (a shard whose
+    /// lease was lost may be started again later with the same channel).
+    pub fn into_commands(self) -> mpsc::Receiver<OutboundCommand> {
+        self.commands
+    }
+
     fn resume_state(&self) -> Option<ResumeState> {
         self.session.as_ref().map(|(id, url)| ResumeState {
             session_id: id.clone(),
@@ -253,6 +259,9 @@ impl Shard {
     fn set_session(&self, info: SessionInfo) {
         self.stats.set_session(info);
         self.hub.session_changed.notify_one();
+        // With [cluster], a new session goes to Redis at once, so a
+        // takeover right after READY resumes it instead of identifying.
+        self.hub.cluster.sessions_changed.notify_one();
     }
 
     fn set_state(&self, state: ShardState) {

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::bot_server::{BotServer, BotServerConfig};
+use crate::cluster::ownership::LeaseEvent;
 use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
 use crate::hub::{Hub, IdentifyBudget, IncidentReport, SessionReport, ShardState};
@@ -243,7 +244,34 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         crate::state::add_range(&mut restored.not_missed, 1, restored.first_cursor - 1);
     }
     let first_cursor = restored.first_cursor;
-    let mut resumes = restored.resumes.clone();
+    // With [cluster] the sessions to resume come from Redis, with the lease
+    // of each shard (whoever ran it last may have been another daemon).
+    let mut resumes = if config.cluster.is_some() {
+        HashMap::new()
+    } else {
+        restored.resumes.clone()
+    };
+    let redis = match &config.cluster {
+        Some(c) => {
+            tracing::info!(
+                redis = %crate::cluster::coord::redacted_url(&c.redis),
+                name = %c.name,
+                lease_ttl_ms = c.lease_ttl.as_millis() as u64,
+                range = %config.shards.range,
+                "cluster: shards run only while this daemon holds their Redis lease"
+            );
+            Some(
+                crate::cluster::coord::Redis::new(
+                    &c.redis,
+                    &c.name,
+                    (c.lease_ttl / 6).max(Duration::from_millis(200)),
+                )
+                .map_err(DaemonError::config)?,
+            )
+        }
+        None => None,
+    };
+
     let mut commands = HashMap::new();
     let mut receivers = HashMap::new();
     for &shard in &owned {
@@ -265,6 +293,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         },
     ));
 
+    if config.cluster.is_some() {
+        // Owned only once leased (the keeper takes the leases).
+        for stats in &hub.shards {
+            stats.owned.store(false, Ordering::Relaxed);
+        }
+    }
     hub.log.set_not_missed(restored.not_missed.clone());
     hub.consumers.set_ttl(config.bot.consumer_ttl);
     if let Some(saved) = &restored.saved {
@@ -285,6 +319,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     ));
     if let Some(saved) = &restored.saved {
         queue.restore(&saved.identify);
+    }
+    if let Some(redis) = &redis {
+        queue.set_cluster(redis.clone());
     }
     // The cursor lease (and the sessions being resumed) must be on disk
     // before any event gets a cursor.
@@ -386,30 +423,52 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             .refresh_loop(crate::identify_queue::REFRESH_EVERY, shutdown_rx.clone()),
     );
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<SessionReport>();
-    let mut shards = JoinSet::new();
-    for &id in &owned {
-        let mut shard_config =
-            ShardConfig::new(id, total, token.clone(), plan.bits, gateway.url.clone());
-        shard_config.compression = config.discord.compression;
-        shard_config.large_threshold = config.discord.large_threshold;
-        if let Some(min) = options.backoff_min {
-            shard_config.backoff_min = min;
-            shard_config.backoff_max = min * 20;
+    let shard_factory = ShardFactory {
+        total,
+        token: token.clone(),
+        intents: plan.bits,
+        gateway_url: gateway.url.clone(),
+        compression: config.discord.compression,
+        large_threshold: config.discord.large_threshold,
+        backoff_min: options.backoff_min,
+        hub: hub.clone(),
+        queue: queue.clone(),
+        report_tx,
+    };
+    let mut shards: JoinSet<ShardDone> = JoinSet::new();
+    // With [cluster]: each running shard's own stop signal (a lost lease
+    // stops one shard), and claims waiting for an old actor to finish.
+    let mut stops: HashMap<u32, watch::Sender<bool>> = HashMap::new();
+    let mut pending: HashMap<u32, Option<ResumeState>> = HashMap::new();
+    let (lease_tx, mut lease_rx) = mpsc::unbounded_channel();
+    let keeper = match (&redis, &config.cluster) {
+        (Some(redis), Some(c)) => {
+            let max = match (config.shards.range, c.max_shards) {
+                (crate::config::ShardRange::Auto, Some(m)) => m as usize,
+                _ => owned.len(),
+            };
+            let keeper = crate::cluster::ownership::Keeper::new(
+                redis.clone(),
+                hub.clone(),
+                c.lease_ttl,
+                owned.clone(),
+                max,
+                config.state.resume_window,
+                lease_tx,
+            );
+            Some(tokio::spawn(keeper.run(shutdown_rx.clone())))
         }
-        let stats = hub.shard(id).expect("owned shard has stats").clone();
-        let shard = Shard::new(
-            shard_config,
-            hub.clone(),
-            stats,
-            queue.clone(),
-            receivers.remove(&id).expect("receiver per shard"),
-            shutdown_rx.clone(),
-            report_tx.clone(),
-            resumes.remove(&id),
-        );
-        shards.spawn(supervise(shard, id));
-    }
-    drop(report_tx);
+        _ => {
+            drop(lease_tx);
+            for &id in &owned {
+                let rx = receivers.remove(&id).expect("receiver per shard");
+                let shard = shard_factory.build(id, rx, shutdown_rx.clone(), resumes.remove(&id));
+                shards.spawn(supervise_returning(shard, id));
+            }
+            None
+        }
+    };
+    let cluster = keeper.is_some();
 
     // Persist whatever a restart needs as it changes, so even a crash (no
     // clean shutdown) resumes and never reuses a cursor.
@@ -450,6 +509,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 {
                     crate::telemetry::count_reconnect(class);
                 }
+                if cluster {
+                    // The shards this daemon runs now, not all it may lease.
+                    incidents.owned = hub.owned().count();
+                }
                 if let Some(incident) = incidents.observe(&report, &hub) {
                     queue.set_stretch(if incidents.active { 300 } else { 100 });
                     hub.report_incident(&incident);
@@ -462,12 +525,71 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 log_summary(&hub);
                 notifier.update(&hub);
             }
+            Some(event) = lease_rx.recv() => match event {
+                LeaseEvent::Claimed { shard, resume, .. } => match receivers.remove(&shard) {
+                    Some(rx) => {
+                        let (stop_tx, stop_rx) = watch::channel(false);
+                        stops.insert(shard, stop_tx);
+                        let actor = shard_factory.build(shard, rx, stop_rx, resume);
+                        shards.spawn(supervise_returning(actor, shard));
+                    }
+                    // The previous actor of this shard is still stopping.
+                    None => {
+                        pending.insert(shard, resume);
+                    }
+                },
+                LeaseEvent::Lost { shard } => {
+                    pending.remove(&shard);
+                    if let Some(stop) = stops.remove(&shard) {
+                        let _ = stop.send(true);
+                    }
+                }
+            },
             Some(joined) = shards.join_next() => {
-                if let Ok((id, exit)) = joined {
-                    exits.push((id, exit));
+                if let Ok((id, exit, mut rx)) = joined {
+                    if cluster {
+                        stops.remove(&id);
+                        // Commands queued for the stopped actor are answered
+                        // now, not sent by whichever actor runs it next.
+                        while let Ok(command) = rx.try_recv() {
+                            let _ = command.reply.send(Err(crate::hub::SendRefusal {
+                                code: crate::protocol::code::SHARD_NOT_OWNED,
+                                message: format!("shard {id} stopped before the command was sent: this daemon no longer holds its lease"),
+                            }));
+                        }
+                        receivers.insert(id, rx);
+                        if let Some(resume) = pending.remove(&id)
+                            && hub.shard(id).is_some()
+                        {
+                            let (stop_tx, stop_rx) = watch::channel(false);
+                            stops.insert(id, stop_tx);
+                            let rx = receivers.remove(&id).expect("just returned");
+                            let actor = shard_factory.build(id, rx, stop_rx, resume);
+                            shards.spawn(supervise_returning(actor, id));
+                        }
+                        // A lease lost: the shard stopped resumably and is
+                        // someone else's now; nothing to keep.
+                        if matches!(exit, ShardExit::Fatal { .. }) {
+                            exits.push((id, exit));
+                        }
+                    } else {
+                        exits.push((id, exit));
+                    }
                 }
                 let fatal = exits.iter().filter(|(_, e)| matches!(e, ShardExit::Fatal { .. })).count();
-                if fatal == owned.len() {
+                // With [cluster]: every shard whose lease this daemon holds
+                // closed fatally and none runs (shards stopped for a lost
+                // lease are not held, so a Redis outage never ends here).
+                let all_fatal = if cluster {
+                    shards.is_empty()
+                        && hub.owned().count() > 0
+                        && hub.owned().all(|s| {
+                            exits.iter().any(|(id, e)| *id == s.shard && matches!(e, ShardExit::Fatal { .. }))
+                        })
+                } else {
+                    fatal == owned.len()
+                };
+                if all_fatal {
                     hub.set_closing(
                         crate::protocol::closing::SHUTDOWN,
                         "every shard this daemon owns closed fatally; the daemon exits (see its log for what to fix)".to_string(),
@@ -503,8 +625,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         ),
     );
     let _ = shutdown_tx.send(true);
+    for stop in stops.values() {
+        let _ = stop.send(true);
+    }
     while let Some(joined) = shards.join_next().await {
-        if let Ok((id, exit)) = joined {
+        if let Ok((id, exit, _)) = joined {
             exits.push((id, exit));
         }
     }
@@ -532,6 +657,11 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
             _ => None,
         })
         .collect();
+    if let Some(keeper) = keeper
+        && let Ok(keeper) = keeper.await
+    {
+        keeper.finish(&sessions).await;
+    }
     if config.proxy.is_some() {
         // The front door's cache, so the next start can resume these
         // sessions (a resumed session replays no READY or GUILD_CREATE).
@@ -606,6 +736,70 @@ impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
     }
 }
 
+/// A shard actor's end, with its command receiver back (a shard stopped
+/// for a lost lease may be claimed again later).
+type ShardDone = (u32, ShardExit, mpsc::Receiver<crate::hub::OutboundCommand>);
+
+/// Builds shard actors, at start-up or (with `[cluster]`) when a lease is
+/// taken.
+struct ShardFactory {
+    total: u32,
+    token: Token,
+    intents: u64,
+    gateway_url: String,
+    compression: crate::compression::Compression,
+    large_threshold: u32,
+    backoff_min: Option<Duration>,
+    hub: Arc<Hub>,
+    queue: Arc<IdentifyQueue>,
+    report_tx: mpsc::UnboundedSender<SessionReport>,
+}
+
+impl ShardFactory {
+    fn build(
+        &self,
+        id: u32,
+        commands: mpsc::Receiver<crate::hub::OutboundCommand>,
+        stop: watch::Receiver<bool>,
+        resume: Option<ResumeState>,
+    ) -> Shard {
+        let mut shard_config = ShardConfig::new(
+            id,
+            self.total,
+            self.token.clone(),
+            self.intents,
+            self.gateway_url.clone(),
+        );
+        shard_config.compression = self.compression;
+        shard_config.large_threshold = self.large_threshold;
+        if let Some(min) = self.backoff_min {
+            shard_config.backoff_min = min;
+            shard_config.backoff_max = min * 20;
+        }
+        let stats = self
+            .hub
+            .shard_stats(id)
+            .expect("every shard this daemon may run has stats")
+            .clone();
+        Shard::new(
+            shard_config,
+            self.hub.clone(),
+            stats,
+            self.queue.clone(),
+            commands,
+            stop,
+            self.report_tx.clone(),
+            resume,
+        )
+    }
+}
+
+/// [`supervise_mut`], giving the shard's command receiver back.
+async fn supervise_returning(mut shard: Shard, id: u32) -> ShardDone {
+    let exit = supervise_mut(&mut shard, id).await;
+    (id, exit, shard.into_commands())
+}
+
 fn stopped_before_start(reason: &str) -> Result<(), DaemonError> {
     tracing::info!(reason, "stopped before any shard started; nothing to save");
     Ok(())
@@ -626,13 +820,13 @@ impl Actor for Shard {
 /// Run one shard, restarting it after a panic with capped backoff and
 /// jitter. The actor value survives the panic, so the session it holds is
 /// resumed, not re-identified.
-async fn supervise<A: Actor>(mut actor: A, id: u32) -> (u32, ShardExit) {
+async fn supervise_mut<A: Actor>(actor: &mut A, id: u32) -> ShardExit {
     let mut restarts = 0u32;
     let mut backoff =
         crate::shard::reconnect_backoff(Duration::from_millis(500), Duration::from_secs(60));
     loop {
         match AssertUnwindSafe(actor.run()).catch_unwind().await {
-            Ok(exit) => return (id, exit),
+            Ok(exit) => return exit,
             Err(panic) => {
                 restarts += 1;
                 let message = panic
@@ -722,8 +916,7 @@ impl IncidentDetector {
         }
         if self.active
             && hub
-                .shards
-                .iter()
+                .owned()
                 .all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal))
         {
             self.active = false;
@@ -749,19 +942,18 @@ impl IncidentDetector {
 /// One summary line for the daemon and one per unhealthy shard.
 fn log_summary(hub: &Hub) {
     let active = hub
-        .shards
-        .iter()
+        .owned()
         .filter(|s| s.state() == ShardState::Active)
         .count();
     let budget = *hub.budget.lock().unwrap_or_else(|p| p.into_inner());
     let (ring_bytes, ring_events, evicted) = hub.log.usage();
-    let mut latencies: Vec<u64> = hub.shards.iter().filter_map(|s| s.latency_ms()).collect();
+    let mut latencies: Vec<u64> = hub.owned().filter_map(|s| s.latency_ms()).collect();
     latencies.sort_unstable();
     let p50 = latencies.get(latencies.len() / 2).copied();
     tracing::info!(
         event = %"summary",
         shards_active = active,
-        shards = hub.shards.len(),
+        shards = hub.owned().count(),
         latency_p50_ms = p50,
         head = hub.log.head(),
         ring_bytes,
@@ -772,7 +964,7 @@ fn log_summary(hub: &Hub) {
         identify_remaining = budget.remaining,
         identify_total = budget.total,
         "{active}/{} shards active",
-        hub.shards.len()
+        hub.owned().count()
     );
     if let Some(front) = hub.frontdoor.get() {
         for row in front.sessions.health() {
@@ -790,11 +982,7 @@ fn log_summary(hub: &Hub) {
             );
         }
     }
-    for s in hub
-        .shards
-        .iter()
-        .filter(|s| s.state() != ShardState::Active)
-    {
+    for s in hub.owned().filter(|s| s.state() != ShardState::Active) {
         let (p50, p99) = s.latency_percentiles().unzip();
         tracing::warn!(
             event = %"shard_unhealthy",
@@ -948,6 +1136,7 @@ fn reload(
             "[health] log_format",
         ),
         (n.broker != c.broker, "[broker]"),
+        (n.cluster != c.cluster, "[cluster]"),
         (n.state.dir != c.state.dir, "[state] dir"),
         (
             n.state.resume_window != c.state.resume_window,
@@ -1054,7 +1243,7 @@ mod tests {
         assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
         assert!(line.get("shard").is_none() && line.get("event").is_none());
         assert!(
-            hub.shards.iter().all(|s| s.last_report().is_none()),
+            hub.owned().all(|s| s.last_report().is_none()),
             "not stamped on any shard"
         );
         let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
@@ -1087,7 +1276,8 @@ mod tests {
             panics_left: 3,
             runs: 0,
         };
-        let (id, exit) = supervise(actor, 7).await;
+        let mut actor = actor;
+        let (id, exit) = (7, supervise_mut(&mut actor, 7).await);
         assert_eq!(id, 7);
         assert!(matches!(exit, ShardExit::Shutdown(None)));
         // Three restarts: at least 0.5 + 1 + 2 s of backoff, not a spin.

@@ -1,6 +1,7 @@
-//! Real servers the cluster tests need (Debian's `nats-server`), started on a
-//! free loopback port with their data in a temporary directory, stopped on
-//! drop. `.ci/run` installs them; elsewhere a missing binary skips the test
+//! Real servers the cluster tests need (Debian's `nats-server` and
+//! `redis-server`), started on a free loopback port with their data in a
+//! temporary directory, stopped on drop, and a TCP proxy to cut a daemon
+//! off from one. `.ci/run` installs them; elsewhere a missing binary skips the test
 //! with a printed reason (under `CI` it fails).
 
 use std::net::TcpListener;
@@ -98,5 +99,136 @@ impl Nats {
 impl Drop for Nats {
     fn drop(&mut self) {
         self.down();
+    }
+}
+
+/// A `redis-server` on a loopback port (no persistence).
+pub struct Redis {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Start one, or `None` (skipped) when redis-server is not installed.
+    pub async fn start() -> Option<Redis> {
+        let binary = have("redis-server")?;
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let mut redis = Redis {
+            child: Some(child),
+            port,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(redis);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        redis.down();
+        panic!("redis-server did not listen on {port}");
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stop it (kill -9).
+    pub fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A TCP proxy on a loopback port to `target`: cutting it is a network
+/// partition between a daemon and a server (connections reset, new ones
+/// refused); restoring it heals the partition on the same port.
+pub struct Proxy {
+    /// Listening port.
+    pub port: u16,
+    target: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    /// Forward `127.0.0.1:PORT` to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let proxy = Proxy {
+            port,
+            target,
+            tasks: Default::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let target = self.target;
+        let conns = self.tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        self.tasks.lock().unwrap().push(accept.abort_handle());
+    }
+
+    /// Cut: close the listener and every forwarded connection.
+    pub fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Heal the partition: listen on the same port again.
+    pub async fn restore(&self) {
+        for _ in 0..100 {
+            if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                self.serve(listener);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("cannot listen on {} again", self.port);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
     }
 }

@@ -89,6 +89,59 @@ fn errors_name_key_value_and_fix() {
 }
 
 #[test]
+fn cluster_keys_parse_with_defaults() {
+    let c = Config::parse(&format!(
+        "{}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\n",
+        GOOD
+    ))
+    .expect("valid");
+    let cluster = c.cluster.expect("[cluster]");
+    assert_eq!(cluster.lease_ttl, Duration::from_secs(30));
+    assert!(!cluster.name.is_empty(), "the host name by default");
+    assert_eq!(cluster.max_shards, None);
+    let c = Config::parse(&format!(
+        "{}\n[cluster]\nredis = \"redis://:pw@db:6379/2\"\nname = \"host-b\"\nlease_ttl = \"3s\"\nmax_shards = 40\n",
+        GOOD.replace("\"0..8\"", "\"auto\"")
+    ))
+    .expect("valid");
+    assert_eq!(c.shards.range, ShardRange::Auto);
+    let cluster = c.cluster.expect("[cluster]");
+    assert_eq!(
+        (cluster.name.as_str(), cluster.max_shards),
+        ("host-b", Some(40))
+    );
+    assert_eq!(cluster.lease_ttl, Duration::from_secs(3));
+    assert_eq!(ShardRange::Auto.resolve(4), Ok(vec![0, 1, 2, 3]));
+}
+
+#[test]
+fn cluster_errors_name_the_key_and_the_fix_and_never_the_password() {
+    let p = problems(&GOOD.replace("\"0..8\"", "\"auto\"")).join("\n");
+    assert!(
+        p.contains("[shards] range = \"auto\" needs [cluster]"),
+        "{p}"
+    );
+    let p = problems(&format!(
+        "{GOOD}\n[cluster]\nredis = \"http://:hunter2@db\"\nname = \"two words\"\nlease_ttl = \"10ms\"\nmax_shards = 0\n"
+    ))
+    .join("\n");
+    assert!(
+        p.contains("[cluster] redis is not a valid Redis URL: use redis://"),
+        "{p}"
+    );
+    assert!(!p.contains("hunter2"), "{p}");
+    assert!(p.contains("[cluster] name = \"two words\""), "{p}");
+    assert!(p.contains("[cluster] lease_ttl is too short"), "{p}");
+    assert!(p.contains("[cluster] max_shards = 0"), "{p}");
+    let p = problems(&format!("{GOOD}\n[cluster]\nmax_shards = 3\n")).join("\n");
+    assert!(p.contains("[cluster] redis is required"), "{p}");
+    assert!(
+        p.contains("max_shards = 3 applies only to [shards] range = \"auto\""),
+        "{p}"
+    );
+}
+
+#[test]
 fn unknown_key_is_named() {
     let p = problems(&GOOD.replace("identify_reserve", "identify_reserv"));
     assert!(p[0].contains("identify_reserv"), "{p:?}");
