@@ -31,6 +31,7 @@ if [ "${1:-}" != "--table-only" ]; then
     run twilight
     run e2e -- blast replay latency memory startup
     run broker
+    run failover
     run frontdoor
     load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "INFO load average before ${load_before}, after ${load_after}; benchmarks took $(($(date +%s) - start)) s" >>"$results"
@@ -104,6 +105,7 @@ END {
     if (has("frontdoor_4_client_extra_cpu_us")) row("  extra CPU per event per drop-in client (4 clients)", f(R["frontdoor_4_client_extra_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
     if (has("frontdoor_identify_to_last_guild_create_ms")) row("drop-in: IDENTIFY to last of 1000 GUILD_CREATEs", f(R["frontdoor_identify_to_last_guild_create_ms"], 1) " ms", "-", "-", "-", "-")
     if (has("startup_overhead_ms")) row("  beyond the 15 s floor (last bucket round)", f(R["startup_overhead_ms"], 0) " ms", "-", "-", "-", "-")
+    if (has("failover_seconds")) row("failover: kill -9 to all 64 shards live (lease_ttl 3 s), " f(R["failover_resumed_shards"], 0) " resumed, " f(R["failover_identifies"], 0) " identifies", f(R["failover_seconds"], 2) " s", "-", "-", "-", "-")
     if (has("broker_with_jetstream_cpu_us")) row("daemon CPU/event, socket + JetStream (socket only " f(R["broker_socket_only_cpu_us"], 2) ")", f(R["broker_with_jetstream_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
     if (has("broker_jetstream_eps")) row("  events/s stored by JetStream (socket bot " f(R["broker_socket_eps"], 0) ")", f(R["broker_jetstream_eps"], 0) " ev/s", "-", "-", "-", "-")
 }
