@@ -426,3 +426,75 @@ async fn the_invalid_request_guard_trips_and_says_why() {
         "the refused request never reached Discord"
     );
 }
+
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_logged_once_classified_and_without_secrets() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // Global: the daemon's tasks run on every worker thread. Other tests of
+    // this file log here too, which only adds lines to check.
+    tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+    let sim = simulator((50, Duration::from_secs(1))).await;
+    let d = daemon(&sim, "").await;
+    let get = format!("/api/v10/channels/{}", channels(&sim)[0]);
+    let a = http(d.addr, "GET", &get, "Bot leaky-secret-token-zz99", None).await;
+    assert_eq!(a.status, 401);
+    let webhook = "/api/v10/webhooks/77/secret-webhook-token?wait=true&token=query-secret";
+    let a = http(
+        d.addr,
+        "POST",
+        webhook,
+        &bot(),
+        Some(json!({"content": "w"})),
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    // Log lines are written as events happen; give the writer a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).to_string();
+    for secret in [
+        TOKEN,
+        "leaky-secret-token",
+        "secret-webhook-token",
+        "query-secret",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} leaked into the logs:\n{logs}"
+        );
+    }
+    let failed: Vec<&str> = logs.lines().filter(|l| l.contains("rest_failed")).collect();
+    let auth: Vec<&&str> = failed
+        .iter()
+        .filter(|l| l.contains("class=auth") && l.contains("…zz99"))
+        .collect();
+    assert_eq!(auth.len(), 1, "one line for the 401:\n{logs}");
+    assert!(
+        auth[0].contains("…zz99") && auth[0].contains("status=401"),
+        "{}",
+        auth[0]
+    );
+    let payload: Vec<&&str> = failed
+        .iter()
+        .filter(|l| l.contains("class=payload") && l.contains("webhooks/77/:token"))
+        .collect();
+    assert_eq!(payload.len(), 1, "one line for the 404:\n{logs}");
+    assert!(payload[0].contains("status=404"), "{}", payload[0]);
+}
