@@ -498,3 +498,38 @@ async fn failures_are_logged_once_classified_and_without_secrets() {
     assert_eq!(payload.len(), 1, "one line for the 404:\n{logs}");
     assert!(payload[0].contains("status=404"), "{}", payload[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_scope_429s_are_retried_and_not_counted_as_invalid() {
+    let sim = simulator((50, Duration::from_secs(1))).await;
+    let d = daemon(&sim, "invalid_request_limit = 2").await;
+    let get = format!("/api/v10/channels/{}", channels(&sim)[0]);
+    let from = sim.rest_calls().len();
+    sim.set_rest_failure(Some(RestFailure::Shared {
+        times: 3,
+        retry_after: 0.05,
+    }));
+    let a = http(d.addr, "GET", &get, &bot(), None).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let statuses: Vec<u16> = sim
+        .rest_calls()
+        .into_iter()
+        .skip(from)
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(statuses, vec![429, 429, 429, 200]);
+    // Three 429s but of shared scope: the guard (limit 2) did not trip.
+    let a = http(d.addr, "GET", &get, &bot(), None).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // A user-scope 429 does count: two of them trip it.
+    sim.set_rest_failure(Some(RestFailure::Times {
+        times: 2,
+        status: 429,
+        retry_after: Some(0.05),
+    }));
+    let a = http(d.addr, "GET", &get, &bot(), None).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = http(d.addr, "GET", &get, &bot(), None).await;
+    assert_eq!(a.status, 429, "the guard trips: {}", a.body);
+    assert_eq!(a.json()["limit"], "invalid_request_limit");
+}

@@ -725,10 +725,13 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             }
         };
         let status = response.status().as_u16();
-        limiter.learn(
-            &permit,
-            &ratelimit::BucketHeaders::from_headers(response.headers()),
-        );
+        let learned = ratelimit::BucketHeaders::from_headers(response.headers());
+        // An error without rate-limit headers (a Cloudflare 5xx, say) says
+        // nothing about the bucket: only a success without them means the
+        // route has none.
+        if status < 400 || learned.bucket.is_some() || learned.remaining.is_some() {
+            limiter.learn(&permit, &learned);
+        }
         metrics::counter!("shardwarden_rest_requests_total", "route" => template.clone(), "method" => method.to_string(), "status" => status_class(status)).increment(1);
         if status < 400 {
             limiter.release(&mut permit);
