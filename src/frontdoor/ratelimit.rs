@@ -380,6 +380,9 @@ impl Limiter {
     }
 
     fn bucket_for(st: &mut State, token: u64, route_key: &str) -> Arc<Bucket> {
+        if st.buckets.len() >= MAX_IDLE_BUCKETS {
+            evict_idle(st, Instant::now());
+        }
         let key = match st.routes.get(&(token, route_key.to_string())) {
             Some(id) => format!("{id} {}", major_of(route_key)),
             None => format!("route:{route_key}"),
@@ -543,6 +546,32 @@ impl Limiter {
             permit.waited_global += self.wait_global(permit.token).await;
         }
     }
+}
+
+/// Buckets kept before idle ones are dropped (a bot in many channels
+/// would otherwise grow the map without end).
+const MAX_IDLE_BUCKETS: usize = 4096;
+
+/// Drop buckets nobody waits on whose window has passed (Discord refilled
+/// them, so forgetting them loses nothing but the learned route mapping,
+/// which is dropped with them and learned again on the next answer).
+fn evict_idle(st: &mut State, now: Instant) {
+    st.buckets.retain(|_, bucket| {
+        let in_use = Arc::strong_count(bucket) > 1 || bucket.queued.load(Ordering::SeqCst) > 0;
+        let pending = bucket.lock().reset_at.is_some_and(|at| at > now);
+        in_use || pending
+    });
+    let live: std::collections::HashSet<(u64, String)> = st
+        .buckets
+        .keys()
+        .filter_map(|(token, key)| {
+            key.split_once(' ')
+                .filter(|_| !key.starts_with("route:"))
+                .map(|(id, _)| (*token, id.to_string()))
+        })
+        .collect();
+    st.routes
+        .retain(|(token, _), id| live.contains(&(*token, id.clone())));
 }
 
 fn prune_invalid(invalid: &mut VecDeque<Instant>, now: Instant) {

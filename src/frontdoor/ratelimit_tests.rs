@@ -278,3 +278,43 @@ async fn an_upstream_global_429_holds_every_route_of_the_token() {
         .expect("b");
     assert_eq!(started.elapsed(), Duration::from_secs(3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_buckets_are_forgotten_but_pending_ones_kept() {
+    let limiter = Limiter::new(100_000, 100, Duration::from_secs(30));
+    // One bucket still in its window.
+    let held = route_key("POST", "/api/v10/channels/1/messages");
+    let mut p = limiter.acquire(&token(), &held, true).await.expect("held");
+    limiter.learn(&p, &headers("msg", 5, 0, 60.0));
+    limiter.release(&mut p);
+    drop(p);
+    // Many whose windows pass.
+    for i in 0..MAX_IDLE_BUCKETS as u64 {
+        let key = route_key("GET", &format!("/api/v10/channels/{}", i + 10));
+        let mut p = limiter.acquire(&token(), &key, true).await.expect("idle");
+        limiter.learn(&p, &headers("get", 5, 4, 1.0));
+        limiter.release(&mut p);
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let key = route_key("GET", "/api/v10/channels/5");
+    drop(
+        limiter
+            .acquire(&token(), &key, true)
+            .await
+            .expect("one more"),
+    );
+    let (buckets, remembered) = {
+        let st = limiter.lock();
+        (
+            st.buckets.len(),
+            st.routes.contains_key(&(token().key, held.clone())),
+        )
+    };
+    assert!(buckets < 10, "idle buckets dropped: {buckets}");
+    assert!(remembered, "the bucket still in its window is remembered");
+    // And still obeyed.
+    match limiter.acquire(&token(), &held, true).await {
+        Err(Refusal::QueueWait { wait, .. }) => assert!(wait > Duration::from_secs(30)),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
