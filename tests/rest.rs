@@ -533,3 +533,51 @@ async fn shared_scope_429s_are_retried_and_not_counted_as_invalid() {
     assert_eq!(a.status, 429, "the guard trips: {}", a.body);
     assert_eq!(a.json()["limit"], "invalid_request_limit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_of_one_bucket_reach_discord_in_arrival_order() {
+    // 2 messages per 300 ms: the 12 below queue up.
+    let sim = simulator((2, Duration::from_millis(300))).await;
+    let d = daemon(&sim, "max_queue_wait = \"30s\"").await;
+    let post = format!("/api/v10/channels/{}/messages", channels(&sim)[0]);
+    let from = sim.rest_calls().len();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let post = post.clone();
+        let addr = d.addr;
+        tasks.push(tokio::spawn(async move {
+            http(
+                addr,
+                "POST",
+                &post,
+                &bot(),
+                Some(json!({"content": format!("m{i}")})),
+            )
+            .await
+            .status
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("request"), 200);
+    }
+    let sent: Vec<String> = sim
+        .rest_calls()
+        .into_iter()
+        .skip(from)
+        .filter(|c| c.status == 200)
+        .filter_map(|c| {
+            c.body
+                .and_then(|b| b["content"].as_str().map(str::to_string))
+        })
+        .collect();
+    let expected: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    assert_eq!(sent, expected, "FIFO within the bucket");
+    let limited = sim
+        .rest_calls()
+        .into_iter()
+        .skip(from)
+        .filter(|c| c.status == 429)
+        .count();
+    assert_eq!(limited, 0, "the learned bucket was obeyed");
+}
