@@ -6,11 +6,16 @@
 //!   listener, `shards` the daemon's total, and a `session_start_limit` that
 //!   never stops a library from starting every shard (client IDENTIFYs cost
 //!   no Discord IDENTIFY).
-//! - Every other `/api/…` request is streamed to `[discord] api_base`
-//!   unchanged, bodies included, never buffered whole, over a small pool of
-//!   kept-alive connections (the rate-limited version is DESIGN.md §6). The log names method, route (webhook and
-//!   interaction tokens redacted, query left out), status and latency; the
-//!   Authorization header is passed through and never logged.
+//! - Every other `/api/…` request goes to `[discord] api_base` unchanged
+//!   through the one rate limiter ([`super::ratelimit`], DESIGN.md §6), over
+//!   a small pool of kept-alive connections. Request bodies up to 8 MiB are
+//!   held so 429s, 5xx and transport failures can be retried; larger ones
+//!   are streamed once. Successful answers are streamed back; error answers
+//!   are read (to classify and log them) and returned unchanged. Each
+//!   failure is logged once with its class, method, route (webhook and
+//!   interaction tokens redacted, query left out), status, Discord's code
+//!   and message, bucket, retries, latency and the token's last 4
+//!   characters; the Authorization header is never logged.
 //! - A WebSocket upgrade on any path becomes a gateway connection
 //!   ([`super::gateway`]).
 
