@@ -395,6 +395,7 @@ impl Limiter {
         let now = Instant::now();
         let mut st = self.lock();
         prune_invalid(&mut st.invalid, now);
+        metrics::gauge!("shardwarden_rest_invalid_requests").set(st.invalid.len() as f64);
         if st.invalid.len() >= self.invalid_limit {
             let oldest = st.invalid.front().copied().unwrap_or(now);
             return Some(Refusal::InvalidRequests {
@@ -411,6 +412,7 @@ impl Limiter {
         let mut st = self.lock();
         prune_invalid(&mut st.invalid, now);
         st.invalid.push_back(now);
+        metrics::gauge!("shardwarden_rest_invalid_requests").set(st.invalid.len() as f64);
     }
 
     /// Invalid answers in the window now.
@@ -418,6 +420,7 @@ impl Limiter {
         let now = Instant::now();
         let mut st = self.lock();
         prune_invalid(&mut st.invalid, now);
+        metrics::gauge!("shardwarden_rest_invalid_requests").set(st.invalid.len() as f64);
         st.invalid.len()
     }
 
