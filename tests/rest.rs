@@ -581,3 +581,35 @@ async fn requests_of_one_bucket_reach_discord_in_arrival_order() {
         .count();
     assert_eq!(limited, 0, "the learned bucket was obeyed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_429_holds_every_route_until_it_passes() {
+    let sim = simulator((50, Duration::from_secs(1))).await;
+    let d = daemon(&sim, "").await;
+    let ch = channels(&sim);
+    let get = format!("/api/v10/channels/{}", ch[0]);
+    let post = format!("/api/v10/channels/{}/messages", ch[1]);
+    let from = sim.rest_calls().len();
+    sim.set_rest_failure(Some(RestFailure::Global {
+        times: 1,
+        retry_after: 0.5,
+    }));
+    let addr = d.addr;
+    let first = tokio::spawn(async move { http(addr, "GET", &get, &bot(), None).await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a = http(d.addr, "POST", &post, &bot(), Some(json!({"content": "g"}))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(first.await.expect("first"), 200);
+    let calls: Vec<_> = sim.rest_calls().into_iter().skip(from).collect();
+    let limited: Vec<_> = calls.iter().filter(|c| c.status == 429).collect();
+    assert_eq!(limited.len(), 1, "one global 429: {calls:?}");
+    let other = calls
+        .iter()
+        .find(|c| c.path == post)
+        .expect("the POST reached Discord");
+    assert_eq!(other.status, 200);
+    assert!(
+        other.at.duration_since(limited[0].at) >= Duration::from_millis(450),
+        "the other route waited out the global 429"
+    );
+}

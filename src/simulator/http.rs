@@ -84,11 +84,14 @@ fn reason(status: u16) -> &'static str {
 
 /// Stands for a 429 of `shared` scope in injected failures.
 const SHARED_429: u16 = 1429;
+/// Stands for a global 429 in injected failures.
+const GLOBAL_429: u16 = 2429;
 
 fn error_response(status: u16, retry_after: Option<f64>) -> Response {
     let mut extra_headers = Vec::new();
     let (status, scope) = match status {
         SHARED_429 => (429, "shared"),
+        GLOBAL_429 => (429, "global"),
         s => (s, "user"),
     };
     let body = match status {
@@ -100,8 +103,9 @@ fn error_response(status: u16, retry_after: Option<f64>) -> Response {
             let ra = retry_after.unwrap_or(1.0).max(0.0);
             extra_headers.push(("Retry-After".into(), (ra.ceil() as u64).to_string()));
             extra_headers.push(("X-RateLimit-Scope".into(), scope.into()));
-            extra_headers.push(("X-RateLimit-Global".into(), "false".into()));
-            json!({"message": "You are being rate limited.", "retry_after": ra, "global": false, "code": 0})
+            let global = scope == "global";
+            extra_headers.push(("X-RateLimit-Global".into(), global.to_string()));
+            json!({"message": "You are being rate limited.", "retry_after": ra, "global": global, "code": 0})
         }
         s => json!({"message": format!("{s}: {}", reason(s)), "code": 0}),
     };
@@ -344,6 +348,13 @@ fn injected_failure(st: &mut State) -> Option<Option<(u16, Option<f64>)>> {
                 retry_after,
             });
             (times > 0).then_some(Some((SHARED_429, Some(retry_after))))
+        }
+        Some(RestFailure::Global { times, retry_after }) => {
+            st.rest_failure = (times > 1).then_some(RestFailure::Global {
+                times: times - 1,
+                retry_after,
+            });
+            (times > 0).then_some(Some((GLOBAL_429, Some(retry_after))))
         }
         Some(RestFailure::Count(n)) => {
             st.rest_failure = if n > 1 {
