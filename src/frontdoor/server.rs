@@ -53,6 +53,8 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 const MAX_WRITE_BUFFER: usize = 4 << 20;
 /// Limit on connecting to `api_base`.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit on Discord's answer headers to a forwarded request.
+const UPSTREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection of the front door shares.
 pub struct Ctx {
@@ -703,7 +705,17 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         *request.uri_mut() = uri.clone();
         *request.version_mut() = hyper::Version::HTTP_11;
         *request.headers_mut() = parts.headers.clone();
-        let result = send_upstream(upstream, request).await;
+        // A hung answer would hold the bucket's turn (and the client) with
+        // no end: past this it is a transport failure.
+        let result =
+            tokio::time::timeout(UPSTREAM_ANSWER_TIMEOUT, send_upstream(upstream, request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "no answer headers within {} s",
+                        UPSTREAM_ANSWER_TIMEOUT.as_secs()
+                    ))
+                });
         let response = match result {
             Ok(response) => response,
             Err(e) => {
