@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod compress;
 pub mod gateway;
+pub mod ratelimit;
 pub mod server;
 pub mod sessions;
 pub mod snapshot;

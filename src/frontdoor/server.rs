@@ -6,11 +6,16 @@
 //!   listener, `shards` the daemon's total, and a `session_start_limit` that
 //!   never stops a library from starting every shard (client IDENTIFYs cost
 //!   no Discord IDENTIFY).
-//! - Every other `/api/…` request is streamed to `[discord] api_base`
-//!   unchanged, bodies included, never buffered whole, over a small pool of
-//!   kept-alive connections (the rate-limited version is DESIGN.md §6). The log names method, route (webhook and
-//!   interaction tokens redacted, query left out), status and latency; the
-//!   Authorization header is passed through and never logged.
+//! - Every other `/api/…` request goes to `[discord] api_base` unchanged
+//!   through the one rate limiter ([`super::ratelimit`], DESIGN.md §6), over
+//!   a small pool of kept-alive connections. Request bodies up to 8 MiB are
+//!   held so 429s, 5xx and transport failures can be retried; larger ones
+//!   are streamed once. Successful answers are streamed back; error answers
+//!   are read (to classify and log them) and returned unchanged. Each
+//!   failure is logged once with its class, method, route (webhook and
+//!   interaction tokens redacted, query left out), status, Discord's code
+//!   and message, bucket, retries, latency and the token's last 4
+//!   characters; the Authorization header is never logged.
 //! - A WebSocket upgrade on any path becomes a gateway connection
 //!   ([`super::gateway`]).
 
@@ -34,6 +39,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::Shared;
 use super::gateway::{self, Params};
+use super::ratelimit;
 use crate::compression::Compression;
 use crate::config::{ProxyConfig, Token};
 use crate::hub::Hub;
@@ -47,6 +53,8 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 const MAX_WRITE_BUFFER: usize = 4 << 20;
 /// Limit on connecting to `api_base`.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit on Discord's answer headers to a forwarded request.
+const UPSTREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection of the front door shares.
 pub struct Ctx {
@@ -64,6 +72,8 @@ pub struct Ctx {
     pub daemon_intents: u64,
     /// Where REST requests go.
     upstream: Upstream,
+    /// The one rate limiter of every REST request (DESIGN.md §6).
+    pub limiter: ratelimit::Limiter,
     /// Changes to true on shutdown.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -99,7 +109,7 @@ struct Upstream {
     pool: std::sync::Mutex<Vec<Sender>>,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 /// Connections kept open to `api_base`.
 const POOL_SIZE: usize = 32;
@@ -175,6 +185,11 @@ impl FrontDoor {
                 heartbeat: config.heartbeat_interval,
                 daemon_intents,
                 upstream,
+                limiter: ratelimit::Limiter::new(
+                    config.global_rate_limit,
+                    config.invalid_request_limit,
+                    config.max_queue_wait,
+                ),
                 shutdown,
             }),
         })
@@ -448,11 +463,151 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Stream one request to `api_base` and its answer back.
+/// Request bodies up to this size are held so the request can be retried;
+/// larger ones are streamed once, without retries.
+const MAX_BUFFERED_BODY: u64 = 8 << 20;
+/// Error bodies read to classify and log (Discord's are small).
+const MAX_ERROR_BODY: usize = 1 << 20;
+/// Upstream 429s waited out and retried before the 429 goes to the client.
+const MAX_RATELIMIT_RETRIES: u32 = 3;
+/// 5xx and transport failures retried (idempotent methods only).
+const MAX_FAILURE_RETRIES: usize = 3;
+
+/// A request body: held (retryable) or streamed once.
+enum RequestBody {
+    Held(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl RequestBody {
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Held(bytes) => Some(
+                Full::new(bytes.clone())
+                    .map_err(|never: Infallible| match never {})
+                    .boxed(),
+            ),
+            RequestBody::Stream(body) => body.take().map(BodyExt::boxed),
+        }
+    }
+}
+
+/// A failure's class (DESIGN.md §6).
+fn class_of(status: u16) -> &'static str {
+    match status {
+        401 => "auth",
+        403 => "permission",
+        429 => "ratelimit",
+        s if s >= 500 => "discord",
+        _ => "payload",
+    }
+}
+
+/// The route with every id replaced, for metrics labels.
+fn route_template(route: &str) -> String {
+    route
+        .split('/')
+        .map(|s| {
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                ":id"
+            } else {
+                s
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The front door's own 429 (queue wait or invalid-request guard).
+fn local_429(refusal: &ratelimit::Refusal) -> Response<Body> {
+    let (body, retry_after) = match refusal {
+        ratelimit::Refusal::QueueWait { wait, .. } => {
+            let secs = (wait.as_secs_f64() * 1000.0).ceil() / 1000.0;
+            (
+                serde_json::json!({
+                    "message": "You are being rate limited.",
+                    "retry_after": secs,
+                    "global": false,
+                }),
+                secs,
+            )
+        }
+        ratelimit::Refusal::InvalidRequests { count, clears_in } => {
+            let secs = clears_in.as_secs_f64().ceil();
+            (
+                serde_json::json!({
+                    "message": format!("shardwarden refused this request: {count} invalid requests (401, 403, 429) in the last 10 minutes reached [proxy] invalid_request_limit; Cloudflare bans a bot at 10,000. Requests resume in {secs} s, when the oldest leaves the window. Fix the failing calls (see the rest_failed log lines)."),
+                    "limit": "invalid_request_limit",
+                    "invalid_requests": count,
+                    "clears_in": secs,
+                    "retry_after": secs,
+                    "global": true,
+                    "code": 0,
+                }),
+                secs,
+            )
+        }
+    };
+    let mut response = full(
+        StatusCode::TOO_MANY_REQUESTS,
+        "application/json",
+        body.to_string(),
+    );
+    if let Ok(v) = HeaderValue::from_str(&(retry_after.ceil() as u64).max(1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+/// `retry_after` of a 429: the body's (seconds, fractional), else the
+/// `Retry-After` header; global from the body or `X-RateLimit-Global`.
+fn retry_after_of(headers: &hyper::HeaderMap, body: &serde_json::Value) -> (Duration, bool) {
+    let header_secs = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let secs = body
+        .get("retry_after")
+        .and_then(serde_json::Value::as_f64)
+        .or(header_secs)
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(1.0)
+        .min(3600.0);
+    let global = body
+        .get("global")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+        || headers
+            .get("x-ratelimit-global")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    (Duration::from_secs_f64(secs), global)
+}
+
+/// Forward one request to `api_base` through the rate limiter and return
+/// its answer (DESIGN.md §6).
 async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let route = redacted_route(req.uri().path());
+    let path = req.uri().path().to_string();
+    let route = redacted_route(&path);
+    let template = route_template(&route);
+    let key = ratelimit::route_key(method.as_str(), &path);
+    let exempt = ratelimit::is_interaction(&path);
+    let token = ratelimit::TokenId::of(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts
         .uri
@@ -460,11 +615,10 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         .map_or("/", |pq| pq.as_str())
         .to_string();
     let upstream = &ctx.upstream;
-    parts.uri = match format!("{}{}", upstream.root, path_and_query).parse() {
+    let uri: hyper::Uri = match format!("{}{}", upstream.root, path_and_query).parse() {
         Ok(uri) => uri,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
     };
-    parts.version = hyper::Version::HTTP_11;
     let connection_listed: Vec<String> = parts
         .headers
         .get_all(header::CONNECTION)
@@ -483,36 +637,228 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     if let Ok(host) = HeaderValue::from_str(&upstream.authority) {
         parts.headers.insert(header::HOST, host);
     }
-    let request = Request::from_parts(parts, body);
-    let result = send_upstream(upstream, request).await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            if status >= 500 {
-                tracing::warn!(event = %"rest_forward", method = %method, route = %route, status, latency_ms = elapsed_ms, token = %ctx.token.fingerprint(), "Discord answered a forwarded request with {status}");
-            } else {
-                tracing::debug!(method = %method, route = %route, status, latency_ms = elapsed_ms, "forwarded");
+    let mut body = match hyper::body::Body::size_hint(&body).exact() {
+        Some(n) if n <= MAX_BUFFERED_BODY => match body.collect().await {
+            Ok(collected) => RequestBody::Held(collected.to_bytes()),
+            Err(e) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("could not read the request body: {e}"),
+                );
             }
+        },
+        _ => RequestBody::Stream(Some(body)),
+    };
+    let held = matches!(body, RequestBody::Held(_));
+    let idempotent = held
+        && matches!(
+            method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+        );
+    let limiter = &ctx.limiter;
+    let mut permit = match limiter.acquire(&token, &key, exempt).await {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            let why = match &refusal {
+                ratelimit::Refusal::QueueWait { wait, global } => format!(
+                    "its wait for the {} ({:.1} s) would pass [proxy] max_queue_wait; answered 429 at once so the client waits and retries",
+                    if *global { "global limit" } else { "bucket" },
+                    wait.as_secs_f64()
+                ),
+                ratelimit::Refusal::InvalidRequests { count, clears_in } => format!(
+                    "the invalid-request guard is tripped ({count} 401/403/429 in 10 min, [proxy] invalid_request_limit); clears in {:.0} s",
+                    clears_in.as_secs_f64()
+                ),
+            };
+            metrics::counter!("shardwarden_rest_local_429_total", "reason" => match refusal { ratelimit::Refusal::QueueWait { .. } => "max_queue_wait", ratelimit::Refusal::InvalidRequests { .. } => "invalid_request_limit" }).increment(1);
+            tracing::warn!(event = %"rest_failed", class = %"ratelimit", method = %method, route = %route, status = 429, local = true, token = %token.fingerprint, latency_ms = started.elapsed().as_millis() as u64, "refused a REST request locally: {why}");
+            return local_429(&refusal);
+        }
+    };
+    let mut backoff = backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(MAX_FAILURE_RETRIES),
+    );
+    let mut retries = 0u32;
+    let mut ratelimit_retries = 0u32;
+    let fail_log = |class: &str,
+                    status: Option<u16>,
+                    code: Option<i64>,
+                    message: &str,
+                    bucket: &str,
+                    retries: u32| {
+        let latency_ms = started.elapsed().as_millis() as u64;
+        metrics::counter!("shardwarden_rest_failures_total", "route" => template.clone(), "method" => method.to_string(), "class" => class.to_string()).increment(1);
+        tracing::warn!(event = %"rest_failed", class = %class, method = %method, route = %route, status = status.unwrap_or(0), code = code.unwrap_or(0), bucket = %bucket, retries, latency_ms, token = %token.fingerprint, "REST {method} {route} failed ({class}): {message}");
+    };
+    loop {
+        let Some(next_body) = body.next() else {
+            // A streamed body is gone after one attempt (not reached: such
+            // requests are never retried).
+            return json_error(StatusCode::BAD_GATEWAY, "request body already sent");
+        };
+        let mut request = Request::new(next_body);
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.version_mut() = hyper::Version::HTTP_11;
+        *request.headers_mut() = parts.headers.clone();
+        // A hung answer would hold the bucket's turn (and the client) with
+        // no end: past this it is a transport failure.
+        let result =
+            tokio::time::timeout(UPSTREAM_ANSWER_TIMEOUT, send_upstream(upstream, request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "no answer headers within {} s",
+                        UPSTREAM_ANSWER_TIMEOUT.as_secs()
+                    ))
+                });
+        let response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                if idempotent && let Some(delay) = backoff.next() {
+                    retries += 1;
+                    tracing::debug!(method = %method, route = %route, retries, "transport failure, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    limiter.wait_again(&mut permit, exempt).await;
+                    continue;
+                }
+                limiter.release(&mut permit);
+                fail_log(
+                    "transport",
+                    None,
+                    None,
+                    &format!("could not reach {}: {e}", upstream.authority),
+                    &permit.bucket_id(),
+                    retries,
+                );
+                return json_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("shardwarden could not reach Discord ({e})"),
+                );
+            }
+        };
+        let status = response.status().as_u16();
+        let learned = ratelimit::BucketHeaders::from_headers(response.headers());
+        // An error without rate-limit headers (a Cloudflare 5xx, say) says
+        // nothing about the bucket: only a success without them means the
+        // route has none.
+        if status < 400 || learned.bucket.is_some() || learned.remaining.is_some() {
+            limiter.learn(&permit, &learned);
+        }
+        metrics::counter!("shardwarden_rest_requests_total", "route" => template.clone(), "method" => method.to_string(), "status" => status_class(status)).increment(1);
+        if status < 400 {
+            limiter.release(&mut permit);
+            metrics::histogram!("shardwarden_rest_bucket_wait_seconds")
+                .record(permit.waited_bucket.as_secs_f64());
+            metrics::histogram!("shardwarden_rest_global_wait_seconds")
+                .record(permit.waited_global.as_secs_f64());
+            tracing::debug!(method = %method, route = %route, status, retries, latency_ms = started.elapsed().as_millis() as u64, "forwarded");
             let (mut parts, body) = response.into_parts();
             for name in HOP_BY_HOP {
                 parts.headers.remove(*name);
             }
-            Response::from_parts(parts, body.boxed())
+            return Response::from_parts(parts, body.boxed());
         }
-        Err(e) => {
-            tracing::warn!(event = %"rest_forward_failed", class = %"transport", method = %method, route = %route, latency_ms = elapsed_ms, token = %ctx.token.fingerprint(), "could not forward a REST request to {}: {e}", upstream.authority);
-            json_error(
-                StatusCode::BAD_GATEWAY,
-                &format!("shardwarden could not reach Discord ({e})"),
-            )
+        let (mut resp_parts, resp_body) = response.into_parts();
+        for name in HOP_BY_HOP {
+            resp_parts.headers.remove(*name);
         }
+        let bytes = match http_body_util::Limited::new(resp_body, MAX_ERROR_BODY)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                if idempotent && let Some(delay) = backoff.next() {
+                    retries += 1;
+                    tokio::time::sleep(delay).await;
+                    limiter.wait_again(&mut permit, exempt).await;
+                    continue;
+                }
+                limiter.release(&mut permit);
+                fail_log(
+                    "transport",
+                    Some(status),
+                    None,
+                    &format!("reading Discord's {status} answer failed: {e}"),
+                    &permit.bucket_id(),
+                    retries,
+                );
+                return json_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("shardwarden lost Discord's answer ({e})"),
+                );
+            }
+        };
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if status == 429 {
+            let scope = resp_parts
+                .headers
+                .get("x-ratelimit-scope")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("user")
+                .to_ascii_lowercase();
+            let (retry_after, global) = retry_after_of(&resp_parts.headers, &json);
+            let scope_label = if global {
+                "global".to_string()
+            } else {
+                scope.clone()
+            };
+            metrics::counter!("shardwarden_rest_429_total", "scope" => scope_label.clone())
+                .increment(1);
+            if scope != "shared" {
+                limiter.count_invalid();
+            }
+            limiter.rate_limited(&permit, retry_after, global);
+            if held && ratelimit_retries < MAX_RATELIMIT_RETRIES {
+                ratelimit_retries += 1;
+                retries += 1;
+                tracing::info!(event = %"rest_429", method = %method, route = %route, scope = %scope_label, bucket = %permit.bucket_id(), retry_after_ms = retry_after.as_millis() as u64, token = %token.fingerprint, "Discord answered 429 ({scope_label}); waiting {:.3} s and retrying", retry_after.as_secs_f64());
+                limiter.wait_again(&mut permit, exempt).await;
+                continue;
+            }
+        } else if status >= 500 && idempotent {
+            if let Some(delay) = backoff.next() {
+                retries += 1;
+                tracing::debug!(method = %method, route = %route, status, retries, "Discord answered {status}, retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                limiter.wait_again(&mut permit, exempt).await;
+                continue;
+            }
+        } else if status == 401 || status == 403 {
+            limiter.count_invalid();
+        }
+        limiter.release(&mut permit);
+        let message = json
+            .get("message")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        let code = json.get("code").and_then(serde_json::Value::as_i64);
+        fail_log(
+            class_of(status),
+            Some(status),
+            code,
+            &message,
+            &permit.bucket_id(),
+            retries,
+        );
+        return Response::from_parts(
+            resp_parts,
+            Full::new(bytes)
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
     }
 }
 
 async fn send_upstream(
     upstream: &Upstream,
-    request: Request<Incoming>,
+    request: Request<Body>,
 ) -> Result<Response<Incoming>, String> {
     let idle = {
         let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());

@@ -82,8 +82,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Stands for a 429 of `shared` scope in injected failures.
+const SHARED_429: u16 = 1429;
+/// Stands for a global 429 in injected failures.
+const GLOBAL_429: u16 = 2429;
+
 fn error_response(status: u16, retry_after: Option<f64>) -> Response {
     let mut extra_headers = Vec::new();
+    let (status, scope) = match status {
+        SHARED_429 => (429, "shared"),
+        GLOBAL_429 => (429, "global"),
+        s => (s, "user"),
+    };
     let body = match status {
         401 => json!({"message": "401: Unauthorized", "code": 0}),
         403 => json!({"message": "Missing Access", "code": 50001}),
@@ -92,9 +102,10 @@ fn error_response(status: u16, retry_after: Option<f64>) -> Response {
         429 => {
             let ra = retry_after.unwrap_or(1.0).max(0.0);
             extra_headers.push(("Retry-After".into(), (ra.ceil() as u64).to_string()));
-            extra_headers.push(("X-RateLimit-Scope".into(), "user".into()));
-            extra_headers.push(("X-RateLimit-Global".into(), "false".into()));
-            json!({"message": "You are being rate limited.", "retry_after": ra, "global": false, "code": 0})
+            extra_headers.push(("X-RateLimit-Scope".into(), scope.into()));
+            let global = scope == "global";
+            extra_headers.push(("X-RateLimit-Global".into(), global.to_string()));
+            json!({"message": "You are being rate limited.", "retry_after": ra, "global": global, "code": 0})
         }
         s => json!({"message": format!("{s}: {}", reason(s)), "code": 0}),
     };
@@ -331,6 +342,20 @@ fn injected_failure(st: &mut State) -> Option<Option<(u16, Option<f64>)>> {
         None => None,
         Some(RestFailure::Status(code, ra)) => Some(Some((code, ra))),
         Some(RestFailure::Hangup) => Some(None),
+        Some(RestFailure::Shared { times, retry_after }) => {
+            st.rest_failure = (times > 1).then_some(RestFailure::Shared {
+                times: times - 1,
+                retry_after,
+            });
+            (times > 0).then_some(Some((SHARED_429, Some(retry_after))))
+        }
+        Some(RestFailure::Global { times, retry_after }) => {
+            st.rest_failure = (times > 1).then_some(RestFailure::Global {
+                times: times - 1,
+                retry_after,
+            });
+            (times > 0).then_some(Some((GLOBAL_429, Some(retry_after))))
+        }
         Some(RestFailure::Count(n)) => {
             st.rest_failure = if n > 1 {
                 Some(RestFailure::Count(n - 1))

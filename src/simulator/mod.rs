@@ -175,6 +175,12 @@ pub enum RestFailure {
     },
     /// Every request gets its TCP connection closed without any response, until cleared.
     Hangup,
+    /// The next `times` requests get a 429 with `X-RateLimit-Scope: shared`
+    /// (a resource's limit shared by every bot; not an invalid request).
+    Shared { times: u32, retry_after: f64 },
+    /// The next `times` requests get a global 429 (`X-RateLimit-Global: true`,
+    /// `"global": true`, scope `global`).
+    Global { times: u32, retry_after: f64 },
 }
 
 /// One frame a client sent.
