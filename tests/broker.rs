@@ -241,6 +241,14 @@ async fn a_worker_command_is_answered_by_the_daemon_that_owns_the_shard() {
         !matches!(silent, Ok(Ok(_))),
         "a daemon that does not own the shard must not answer: {silent:?}"
     );
+    // A shard past the total cannot be anyone's: refused, not left hanging.
+    let nowhere = json!({"op":"send","id":"w3","shard":7,"payload":{"op":3,"d":{"since":null,"activities":[],"status":"dnd","afk":false}}});
+    let refused = client
+        .request(subject.clone(), nowhere.to_string().into())
+        .await
+        .expect("answered");
+    let refused: Value = serde_json::from_slice(&refused.payload).expect("json");
+    assert_eq!(refused["code"], "shard_not_owned", "{refused}");
     // A malformed command is refused with the reason.
     let bad = client
         .request(subject, "{\"op\":\"send\"}".into())

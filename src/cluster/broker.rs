@@ -428,9 +428,12 @@ async fn answer_commands(
         };
         let answer = match protocol::parse_request(&message.payload) {
             Ok(Request::Send(send)) => {
-                // Only the daemon that owns the shard answers.
+                // Only the daemon that owns the shard answers; a shard that
+                // no daemon can own (past the shard total) is refused by
+                // every daemon, so the worker never waits for nothing.
                 let shards = crate::commands::shards_for(&hub, &send);
-                if !shards.iter().any(|s| hub.shard(*s).is_some()) {
+                let possible = shards.iter().all(|&s| s < hub.shard_total);
+                if possible && !shards.iter().any(|s| hub.shard(*s).is_some()) {
                     continue;
                 }
                 match crate::commands::route(&hub, send) {
