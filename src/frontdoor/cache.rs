@@ -57,7 +57,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Every dispatch that changes cached state. Everything else is ignored.
-const TRACKED: &[&str] = &[
+pub const TRACKED: &[&str] = &[
     "READY",
     "GUILD_CREATE",
     "GUILD_UPDATE",

@@ -329,7 +329,13 @@ where
         }
     }
 
-    async fn on_identify(&mut self, d: &str) -> Result<(), End> {
+    /// IDENTIFY's or RESUME's `d` (`what`), once per connection: a second one
+    /// is 4005, an unparsable one closes the connection.
+    async fn session_opener<T: serde::de::DeserializeOwned>(
+        &mut self,
+        d: &str,
+        what: &str,
+    ) -> Result<T, End> {
         if self.session.is_some() || self.pending.is_some() {
             return Err(self
                 .close(
@@ -338,14 +344,16 @@ where
                 )
                 .await);
         }
-        let identify: Identify = match serde_json::from_str(d) {
-            Ok(i) => i,
-            Err(e) => {
-                return Err(self
-                    .close(close::UNKNOWN_OPCODE, format!("invalid IDENTIFY ({e})"))
-                    .await);
-            }
-        };
+        match serde_json::from_str(d) {
+            Ok(parsed) => Ok(parsed),
+            Err(e) => Err(self
+                .close(close::UNKNOWN_OPCODE, format!("invalid {what} ({e})"))
+                .await),
+        }
+    }
+
+    async fn on_identify(&mut self, d: &str) -> Result<(), End> {
+        let identify: Identify = self.session_opener(d, "IDENTIFY").await?;
         if !self.ctx.token_matches(&identify.token) {
             return Err(self
                 .close(
@@ -549,22 +557,7 @@ where
     }
 
     async fn on_resume(&mut self, d: &str) -> Result<(), End> {
-        if self.session.is_some() || self.pending.is_some() {
-            return Err(self
-                .close(
-                    close::ALREADY_AUTHENTICATED,
-                    "already identified".to_string(),
-                )
-                .await);
-        }
-        let resume: Resume = match serde_json::from_str(d) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(self
-                    .close(close::UNKNOWN_OPCODE, format!("invalid RESUME ({e})"))
-                    .await);
-            }
-        };
+        let resume: Resume = self.session_opener(d, "RESUME").await?;
         let conn = self.conn;
         let refused = move |why: &str| {
             tracing::info!(event = %"dropin_resume_refused", conn, "RESUME refused with op 9 (false): {why}; the client identifies again (free)");

@@ -23,7 +23,14 @@ fn cfg() -> SimConfig {
     }
 }
 
-async fn http_get(sim: &Simulator, path: &str, auth: Option<&str>) -> (u16, String, String) {
+/// One raw HTTP/1.1 request. Returns (status, head, body).
+async fn http(
+    sim: &Simulator,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let base = sim.api_base();
     let addr = base
         .trim_start_matches("http://")
@@ -32,18 +39,31 @@ async fn http_get(sim: &Simulator, path: &str, auth: Option<&str>) -> (u16, Stri
         .unwrap()
         .to_string();
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    let mut req = format!("GET /api/v10{path} HTTP/1.1\r\nHost: {addr}\r\n");
-    if let Some(a) = auth {
-        req.push_str(&format!("Authorization: {a}\r\n"));
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && *v == "chunked");
+    if !chunked {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).await.unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head.to_string(), body.to_string())
+}
+
+async fn http_get(sim: &Simulator, path: &str, auth: Option<&str>) -> (u16, String, String) {
+    let auth: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    http(sim, "GET", &format!("/api/v10{path}"), &auth, b"").await
 }
 
 enum Inflate {

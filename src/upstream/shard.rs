@@ -255,6 +255,14 @@ impl Shard {
         })
     }
 
+    /// The session can no longer be resumed: drop it here and in what the
+    /// state file (and the cluster) will hold.
+    fn forget_session(&mut self) {
+        self.session = None;
+        self.seq = 0;
+        self.set_session(SessionInfo::default());
+    }
+
     /// Record the session the periodic save reads, and have it saved now.
     fn set_session(&self, info: SessionInfo) {
         self.stats.set_session(info);
@@ -358,9 +366,7 @@ impl Shard {
                 } else {
                     "resume_gateway_url is not a wss:// (or loopback ws://) URL".to_string()
                 };
-                self.session = None;
-                self.seq = 0;
-                self.set_session(SessionInfo::default());
+                self.forget_session();
                 self.report(
                     "invalidated",
                     None,
@@ -456,9 +462,8 @@ impl Shard {
                 Disconnect::Shutdown => return self.stopped(),
                 Disconnect::Fatal { close_code, detail } => {
                     self.set_state(ShardState::Fatal);
-                    self.session = None;
                     // Never resumed by a later start either.
-                    self.set_session(SessionInfo::default());
+                    self.forget_session();
                     self.report(
                         "fatal",
                         close_code,
@@ -499,9 +504,7 @@ impl Shard {
                     detail,
                     invalid_session,
                 } => {
-                    self.session = None;
-                    self.seq = 0;
-                    self.set_session(SessionInfo::default());
+                    self.forget_session();
                     let wait = if invalid_session {
                         // Facts §4.7: a random 1–5 s wait before re-identifying.
                         Duration::from_millis(rand::rng().random_range(1000..5000))
