@@ -71,7 +71,17 @@ function guildSummary(guild) {
 
 client.on(Events.ShardReady, id => emit('shard_ready', { shard: id }));
 client.on(Events.ShardResume, id => emit('resumed', { shard: id }));
-client.on(Events.ShardDisconnect, (ev, id) => emit('disconnect', { shard: id, close_code: ev?.code ?? null }));
+// Close codes Discord (and the front door) use for "do not reconnect": the
+// bot exits 2 at once, as its README says, instead of waiting for
+// discord.js's login promise, which under load can settle late.
+const FATAL_CLOSES = new Set([4004, 4010, 4011, 4012, 4013, 4014]);
+client.on(Events.ShardDisconnect, (ev, id) => {
+  emit('disconnect', { shard: id, close_code: ev?.code ?? null });
+  if (FATAL_CLOSES.has(ev?.code)) {
+    emit('error', { where: 'gateway', shard: id, close_code: ev.code, message: `closed with ${ev.code}` });
+    process.exit(2);
+  }
+});
 client.on(Events.ShardError, (err, id) => emit('error', { where: 'shard', shard: id, message: String(err) }));
 client.on(Events.Error, err => emit('error', { where: 'client', message: String(err) }));
 
