@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -43,6 +43,7 @@ use super::ratelimit;
 use crate::compression::Compression;
 use crate::config::{ProxyConfig, Token};
 use crate::hub::Hub;
+use crate::upstream::http::{ApiClient, Class, body_failure};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -51,8 +52,6 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Most bytes queued for a client beyond what its socket took.
 const MAX_WRITE_BUFFER: usize = 4 << 20;
-/// Limit on connecting to `api_base`.
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Limit on Discord's answer headers to a forwarded request.
 const UPSTREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,8 +69,8 @@ pub struct Ctx {
     pub heartbeat: Duration,
     /// The daemon's IDENTIFY intents: a client may ask for a subset.
     pub daemon_intents: u64,
-    /// Where REST requests go.
-    upstream: Upstream,
+    /// Where REST requests go: the daemon's one HTTP client to `api_base`.
+    upstream: Arc<ApiClient>,
     /// The one rate limiter of every REST request (DESIGN.md §6).
     pub limiter: ratelimit::Limiter,
     /// Changes to true on shutdown.
@@ -95,61 +94,6 @@ impl Ctx {
     }
 }
 
-/// `[discord] api_base`, split for forwarding, with its idle connections.
-struct Upstream {
-    tls: Option<Arc<rustls::ClientConfig>>,
-    host: String,
-    port: u16,
-    authority: String,
-    /// The path before `/api` (usually empty).
-    root: String,
-    /// Open HTTP/1.1 connections to `api_base`, reused once their last
-    /// response body has been streamed (a TLS handshake per request would
-    /// add a round trip or two to every REST call).
-    pool: std::sync::Mutex<Vec<Sender>>,
-}
-
-type Sender = hyper::client::conn::http1::SendRequest<Body>;
-
-/// Connections kept open to `api_base`.
-const POOL_SIZE: usize = 32;
-
-impl Upstream {
-    fn parse(api_base: &str) -> Result<Upstream, String> {
-        crate::config::check_url(api_base, &["https", "http"])?;
-        let uri: hyper::Uri = api_base
-            .parse()
-            .map_err(|e| format!("[discord] api_base = {api_base:?}: {e}"))?;
-        let tls = uri.scheme_str() == Some("https");
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("[discord] api_base = {api_base:?} has no host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let path = uri.path().trim_end_matches('/');
-        let root = match path.rfind("/api") {
-            Some(i) => path[..i].to_string(),
-            None => path.to_string(),
-        };
-        Ok(Upstream {
-            tls: if tls {
-                Some(crate::rest::tls_config().map_err(|e| format!("TLS setup failed: {e}"))?)
-            } else {
-                None
-            },
-            host,
-            port,
-            authority: authority.to_string(),
-            root,
-            pool: std::sync::Mutex::new(Vec::new()),
-        })
-    }
-}
-
 /// The bound front door, ready to serve.
 pub struct FrontDoor {
     listener: TcpListener,
@@ -160,13 +104,12 @@ impl FrontDoor {
     /// Bind `[proxy] listen`. Errors say what to change.
     pub async fn bind(
         config: &ProxyConfig,
-        api_base: &str,
+        upstream: Arc<ApiClient>,
         token: Token,
         daemon_intents: u64,
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<FrontDoor, String> {
-        let upstream = Upstream::parse(api_base)?;
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             format!(
                 "[proxy] listen = \"{}\": cannot listen there ({e}); pick a free loopback port",
@@ -492,17 +435,6 @@ impl RequestBody {
     }
 }
 
-/// A failure's class (DESIGN.md §6).
-fn class_of(status: u16) -> &'static str {
-    match status {
-        401 => "auth",
-        403 => "permission",
-        429 => "ratelimit",
-        s if s >= 500 => "discord",
-        _ => "payload",
-    }
-}
-
 /// The route with every id replaced, for metrics labels.
 fn route_template(route: &str) -> String {
     route
@@ -615,9 +547,9 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         .map_or("/", |pq| pq.as_str())
         .to_string();
     let upstream = &ctx.upstream;
-    let uri: hyper::Uri = match format!("{}{}", upstream.root, path_and_query).parse() {
+    let uri = match upstream.forward_uri(&path_and_query) {
         Ok(uri) => uri,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
     let connection_listed: Vec<String> = parts
         .headers
@@ -634,7 +566,7 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     {
         parts.headers.remove(name.as_str());
     }
-    if let Ok(host) = HeaderValue::from_str(&upstream.authority) {
+    if let Ok(host) = HeaderValue::from_str(upstream.authority()) {
         parts.headers.insert(header::HOST, host);
     }
     let mut body = match hyper::body::Body::size_hint(&body).exact() {
@@ -684,14 +616,15 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     );
     let mut retries = 0u32;
     let mut ratelimit_retries = 0u32;
-    let fail_log = |class: &str,
+    let fail_log = |class: Class,
                     status: Option<u16>,
                     code: Option<i64>,
                     message: &str,
                     bucket: &str,
                     retries: u32| {
         let latency_ms = started.elapsed().as_millis() as u64;
-        metrics::counter!("shardwarden_rest_failures_total", "route" => template.clone(), "method" => method.to_string(), "class" => class.to_string()).increment(1);
+        let class = class.as_str();
+        metrics::counter!("shardwarden_rest_failures_total", "route" => template.clone(), "method" => method.to_string(), "class" => class).increment(1);
         tracing::warn!(event = %"rest_failed", class = %class, method = %method, route = %route, status = status.unwrap_or(0), code = code.unwrap_or(0), bucket = %bucket, retries, latency_ms, token = %token.fingerprint, "REST {method} {route} failed ({class}): {message}");
     };
     loop {
@@ -707,37 +640,29 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         *request.headers_mut() = parts.headers.clone();
         // A hung answer would hold the bucket's turn (and the client) with
         // no end: past this it is a transport failure.
-        let result =
-            tokio::time::timeout(UPSTREAM_ANSWER_TIMEOUT, send_upstream(upstream, request))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(format!(
-                        "no answer headers within {} s",
-                        UPSTREAM_ANSWER_TIMEOUT.as_secs()
-                    ))
-                });
+        let result = upstream.send(request, UPSTREAM_ANSWER_TIMEOUT).await;
         let response = match result {
             Ok(response) => response,
             Err(e) => {
                 if idempotent && let Some(delay) = backoff.next() {
                     retries += 1;
-                    tracing::debug!(method = %method, route = %route, retries, "transport failure, retrying in {delay:?}: {e}");
+                    tracing::debug!(method = %method, route = %route, retries, "transport failure, retrying in {delay:?}: {}", e.message);
                     tokio::time::sleep(delay).await;
                     limiter.wait_again(&mut permit, exempt).await;
                     continue;
                 }
                 limiter.release(&mut permit);
                 fail_log(
-                    "transport",
+                    Class::Transport,
                     None,
                     None,
-                    &format!("could not reach {}: {e}", upstream.authority),
+                    &e.message,
                     &permit.bucket_id(),
                     retries,
                 );
                 return json_error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("shardwarden could not reach Discord ({e})"),
+                    &format!("shardwarden could not reach Discord: {}", e.message),
                 );
             }
         };
@@ -780,17 +705,18 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
                     continue;
                 }
                 limiter.release(&mut permit);
+                let e = body_failure(upstream.host(), &*e);
                 fail_log(
-                    "transport",
+                    Class::Transport,
                     Some(status),
                     None,
-                    &format!("reading Discord's {status} answer failed: {e}"),
+                    &e.message,
                     &permit.bucket_id(),
                     retries,
                 );
                 return json_error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("shardwarden lost Discord's answer ({e})"),
+                    &format!("shardwarden lost Discord's answer: {}", e.message),
                 );
             }
         };
@@ -840,7 +766,7 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             .unwrap_or_else(|| format!("HTTP {status}"));
         let code = json.get("code").and_then(serde_json::Value::as_i64);
         fail_log(
-            class_of(status),
+            Class::of_status(status).unwrap_or(Class::Payload),
             Some(status),
             code,
             &message,
@@ -854,84 +780,6 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
                 .boxed(),
         );
     }
-}
-
-async fn send_upstream(
-    upstream: &Upstream,
-    request: Request<Body>,
-) -> Result<Response<Incoming>, String> {
-    let idle = {
-        let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.retain(|sender| !sender.is_closed());
-        pool.iter()
-            .position(Sender::is_ready)
-            .map(|i| pool.swap_remove(i))
-    };
-    let (mut sender, reused) = match idle {
-        Some(sender) => (sender, true),
-        None => (connect_upstream(upstream).await?, false),
-    };
-    let response = match sender.try_send_request(request).await {
-        Ok(response) => Ok(response),
-        Err(mut e) => match (reused, e.take_message()) {
-            // An idle connection the server closed meanwhile: the request
-            // was not sent, so it goes again on a fresh connection.
-            (true, Some(request)) => {
-                sender = connect_upstream(upstream).await?;
-                sender
-                    .try_send_request(request)
-                    .await
-                    .map_err(|e| format!("request failed: {}", e.error()))
-            }
-            _ => Err(format!("request failed: {}", e.error())),
-        },
-    };
-    // Back in the pool: ready again once this response's body is done.
-    let mut pool = upstream.pool.lock().unwrap_or_else(|p| p.into_inner());
-    if pool.len() < POOL_SIZE && !sender.is_closed() {
-        pool.push(sender);
-    }
-    response
-}
-
-async fn connect_upstream(upstream: &Upstream) -> Result<Sender, String> {
-    let tcp = tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect((upstream.host.as_str(), upstream.port)),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| format!("connect failed: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    match &upstream.tls {
-        None => handshake(tcp).await,
-        Some(config) => {
-            let name = rustls::pki_types::ServerName::try_from(upstream.host.clone())
-                .map_err(|e| format!("bad TLS server name: {e}"))?;
-            let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-            handshake(tls).await
-        }
-    }
-}
-
-/// An HTTP/1.1 connection to `api_base`; its task lives until the
-/// connection closes.
-async fn handshake<S>(stream: S) -> Result<Sender, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("upstream REST connection ended: {e}");
-        }
-    });
-    Ok(sender)
 }
 
 /// The path for logs: ids kept, webhook and interaction tokens replaced.
@@ -978,17 +826,5 @@ mod tests {
             redacted_route("/api/v10/channels/5/messages"),
             "/api/v10/channels/5/messages"
         );
-    }
-
-    #[test]
-    fn api_base_root_is_what_precedes_api() {
-        let up = Upstream::parse("http://127.0.0.1:9000/api/v10").expect("valid");
-        assert_eq!(
-            (up.host.as_str(), up.port, up.root.as_str()),
-            ("127.0.0.1", 9000, "")
-        );
-        let up = Upstream::parse("https://example.com/discord/api/v10").expect("valid");
-        assert_eq!((up.port, up.root.as_str()), (443, "/discord"));
-        assert!(up.tls.is_some());
     }
 }

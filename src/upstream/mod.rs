@@ -7,6 +7,9 @@
 //!   [`compression`] (one inflate context per connection), [`envelope`]
 //!   (parses `op`/`s`/`t` only; `d` stays raw bytes), [`heartbeat`] (timing
 //!   and zombie detection) and [`ratelimit`] (the 120/60 s send limit).
+//! - **REST**: [`http`] is the one HTTP client to Discord's API (pooled,
+//!   TLS) and the failure-class table; [`rest`] is the `/gateway/bot` call
+//!   on it. The front door forwards bots' REST calls through the same client.
 //! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
 //!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets
 //!   and the session-start budget), restarts crashed actors, detects
@@ -16,6 +19,7 @@ pub mod compression;
 pub mod envelope;
 pub mod gateway;
 pub mod heartbeat;
+pub mod http;
 pub mod identify_queue;
 pub mod intents;
 pub mod ratelimit;

@@ -107,7 +107,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let api_base = options
         .api_base
         .unwrap_or_else(|| config.discord.api_base.clone());
-    crate::config::check_url(&api_base, &["https", "http"])
+    // One HTTP client (one connection pool) for every REST call: the
+    // /gateway/bot reads here and the front door's forward.
+    let api = crate::upstream::http::ApiClient::new(&api_base)
         .map_err(|e| DaemonError::config(format!("[discord] api_base = {api_base:?}: {e}")))?;
 
     // Off the runtime's threads and with a timeout: a state file that
@@ -137,7 +139,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     };
 
     tracing::info!(token = %token.fingerprint(), api_base = %api_base, "fetching /gateway/bot");
-    let fetch = rest::get_gateway_bot_with_retry(&api_base, &token, Duration::from_secs(300));
+    let fetch = rest::get_gateway_bot_with_retry(&api, &token, Duration::from_secs(300));
     let fetched = tokio::select! {
         result = fetch => result,
         _ = recv_signal(&mut sigterm) => return stopped_before_start("SIGTERM"),
@@ -379,7 +381,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         }
         let door = crate::frontdoor::FrontDoor::bind(
             proxy,
-            &api_base,
+            api.clone(),
             token.clone(),
             plan.bits,
             hub.clone(),
@@ -412,7 +414,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     // before identifying on old ones (facts §1.1).
     queue.set_source(
         Arc::new(RestGatewayBot {
-            api_base: api_base.clone(),
+            api: api.clone(),
             token: token.clone(),
         }),
         &gateway,
@@ -720,7 +722,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
 
 /// `GET /gateway/bot` for the identify queue's re-reads.
 struct RestGatewayBot {
-    api_base: String,
+    api: Arc<crate::upstream::http::ApiClient>,
     token: Token,
 }
 
@@ -729,7 +731,7 @@ impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<rest::GatewayBot, String>> + Send + '_>> {
         Box::pin(async move {
-            rest::get_gateway_bot(&self.api_base, &self.token)
+            rest::get_gateway_bot(&self.api, &self.token)
                 .await
                 .map_err(|e| e.to_string())
         })
