@@ -456,6 +456,10 @@ pub struct Hub {
     closing: Mutex<Option<(&'static str, String)>>,
     /// Incidents suspected since start.
     pub incidents: AtomicU64,
+    /// Decides when failures point at Discord (gateway and REST evidence).
+    pub detector: crate::upstream::incident::IncidentDetector,
+    /// Notified when an incident is raised or cleared.
+    pub incident_changed: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -497,6 +501,8 @@ impl Hub {
             incident: Mutex::new(None),
             closing: Mutex::new(None),
             incidents: AtomicU64::new(0),
+            detector: Default::default(),
+            incident_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -600,6 +606,16 @@ impl Hub {
             }
         }
         let _ = self.sessions.send(report.line());
+        self.incident_changed.notify_one();
+    }
+
+    /// A REST call's outcome on `route` (a template without ids or
+    /// tokens): `failed` Discord-side (5xx, transport) or answered. Raises
+    /// or clears the suspected incident when the evidence says so.
+    pub fn observe_rest(&self, route: &str, failed: bool) {
+        if let Some(report) = self.detector.rest(route, failed, self) {
+            self.report_incident(&report);
+        }
     }
 
     /// Say why bot sockets are about to be closed (sent to each bot as

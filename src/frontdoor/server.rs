@@ -616,6 +616,8 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     );
     let mut retries = 0u32;
     let mut ratelimit_retries = 0u32;
+    // What incident detection calls this route.
+    let incident_route = format!("{method} {template}");
     let fail_log = |class: Class,
                     status: Option<u16>,
                     code: Option<i64>,
@@ -623,6 +625,8 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
                     bucket: &str,
                     retries: u32| {
         let latency_ms = started.elapsed().as_millis() as u64;
+        ctx.hub
+            .observe_rest(&incident_route, class.is_discord_side());
         let class = class.as_str();
         metrics::counter!("shardwarden_rest_failures_total", "route" => template.clone(), "method" => method.to_string(), "class" => class).increment(1);
         tracing::warn!(event = %"rest_failed", class = %class, method = %method, route = %route, status = status.unwrap_or(0), code = code.unwrap_or(0), bucket = %bucket, retries, latency_ms, token = %token.fingerprint, "REST {method} {route} failed ({class}): {message}");
@@ -677,6 +681,7 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         metrics::counter!("shardwarden_rest_requests_total", "route" => template.clone(), "method" => method.to_string(), "status" => status_class(status)).increment(1);
         if status < 400 {
             limiter.release(&mut permit);
+            ctx.hub.observe_rest(&incident_route, false);
             metrics::histogram!("shardwarden_rest_bucket_wait_seconds")
                 .record(permit.waited_bucket.as_secs_f64());
             metrics::histogram!("shardwarden_rest_global_wait_seconds")

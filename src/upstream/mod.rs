@@ -12,8 +12,9 @@
 //!   on it. The front door forwards bots' REST calls through the same client.
 //! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
 //!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets
-//!   and the session-start budget), restarts crashed actors, detects
-//!   incidents and wires every other part together.
+//!   and the session-start budget), restarts crashed actors and wires every
+//!   other part together; [`incident`] decides when gateway and REST
+//!   failures together point at Discord.
 
 pub mod compression;
 pub mod envelope;
@@ -21,6 +22,7 @@ pub mod gateway;
 pub mod heartbeat;
 pub mod http;
 pub mod identify_queue;
+pub mod incident;
 pub mod intents;
 pub mod ratelimit;
 pub mod rest;

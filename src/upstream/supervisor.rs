@@ -2,7 +2,7 @@
 //! restarts crashed actors, notices Discord-side incidents, logs session
 //! health, and on SIGTERM persists every session so the next start resumes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,13 +11,12 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use crate::bot_server::{BotServer, BotServerConfig};
 use crate::cluster::ownership::LeaseEvent;
 use crate::config::{Config, ShardTotal, Token};
 use crate::event_log::EventLog;
-use crate::hub::{Hub, IdentifyBudget, IncidentReport, SessionReport, ShardState};
+use crate::hub::{Hub, IdentifyBudget, SessionReport, ShardState};
 use crate::identify_queue::IdentifyQueue;
 use crate::persist::{Persister, Restored};
 use crate::rest::{self, RestErrorKind};
@@ -415,6 +414,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     queue.set_source(
         Arc::new(RestGatewayBot {
             api: api.clone(),
+            hub: hub.clone(),
             token: token.clone(),
         }),
         &gateway,
@@ -484,7 +484,6 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let mut config = config;
     let reload_log_level = options.reload_log_level;
     let config_path = options.config_path;
-    let mut incidents = IncidentDetector::new(owned.len());
     let mut exits: Vec<(u32, ShardExit)> = Vec::new();
 
     let reason = loop {
@@ -511,19 +510,23 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 {
                     crate::telemetry::count_reconnect(class);
                 }
-                if cluster {
-                    // The shards this daemon runs now, not all it may lease.
-                    incidents.owned = hub.owned().count();
-                }
-                if let Some(incident) = incidents.observe(&report, &hub) {
-                    queue.set_stretch(if incidents.active { 300 } else { 100 });
+                if let Some(incident) = hub.detector.gateway(&report, &hub) {
                     hub.report_incident(&incident);
                 }
                 if !notifier.is_ready() {
                     notifier.update(&hub);
                 }
             }
+            // Raised or cleared here, by the front door's REST calls or by
+            // a /gateway/bot re-read: a Discord-side incident slows
+            // re-identifies.
+            _ = hub.incident_changed.notified() => {
+                queue.set_stretch(if hub.incident().is_some() { 300 } else { 100 });
+            }
             _ = summary.tick() => {
+                if let Some(incident) = hub.detector.tick(&hub) {
+                    hub.report_incident(&incident);
+                }
                 log_summary(&hub);
                 notifier.update(&hub);
             }
@@ -723,6 +726,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
 /// `GET /gateway/bot` for the identify queue's re-reads.
 struct RestGatewayBot {
     api: Arc<crate::upstream::http::ApiClient>,
+    /// Told each outcome (incident detection).
+    hub: Arc<Hub>,
     token: Token,
 }
 
@@ -731,9 +736,13 @@ impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<rest::GatewayBot, String>> + Send + '_>> {
         Box::pin(async move {
-            rest::get_gateway_bot(&self.api, &self.token)
-                .await
-                .map_err(|e| e.to_string())
+            let result = rest::get_gateway_bot(&self.api, &self.token).await;
+            let failed = result
+                .as_ref()
+                .err()
+                .is_some_and(|e| e.class().is_discord_side());
+            self.hub.observe_rest("GET /gateway/bot", failed);
+            result.map_err(|e| e.to_string())
         })
     }
 }
@@ -848,96 +857,6 @@ async fn supervise_mut<A: Actor>(actor: &mut A, id: u32) -> ShardExit {
                 tokio::time::sleep(wait).await;
             }
         }
-    }
-}
-
-/// Correlated failure detection: when more than half the shards (and at
-/// least two) lose their connections within a short window, Discord is the
-/// likelier culprit than this host.
-struct IncidentDetector {
-    owned: usize,
-    window: Duration,
-    failures: VecDeque<(Instant, u32)>,
-    /// An incident is in progress.
-    active: bool,
-}
-
-impl IncidentDetector {
-    fn new(owned: usize) -> Self {
-        IncidentDetector {
-            owned,
-            window: Duration::from_secs(20),
-            failures: VecDeque::new(),
-            active: false,
-        }
-    }
-
-    /// More than half the shards, and at least two.
-    fn threshold(&self) -> usize {
-        (self.owned / 2 + 1).max(2)
-    }
-
-    /// Feed one report; returns the `incident` message to publish when the
-    /// incident state changes.
-    fn observe(&mut self, report: &SessionReport, hub: &Hub) -> Option<IncidentReport> {
-        let now = Instant::now();
-        if matches!(report.event, "closed" | "zombie") && report.class != Some("fatal") {
-            self.failures.push_back((now, report.shard));
-        }
-        while let Some(&(at, _)) = self.failures.front() {
-            if now.duration_since(at) > self.window {
-                self.failures.pop_front();
-            } else {
-                break;
-            }
-        }
-        let mut shards: Vec<u32> = self.failures.iter().map(|&(_, s)| s).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        if !self.active && self.owned >= 2 && shards.len() >= self.threshold() {
-            self.active = true;
-            let detail = format!(
-                "{} of {} shards lost their connections within {} s (shards {:?}): a Discord-side incident is likely; preferring resumes and slowing re-identifies",
-                shards.len(),
-                self.owned,
-                self.window.as_secs(),
-                shards
-            );
-            tracing::warn!(
-                event = %"discord_incident_suspected",
-                class = %"incident",
-                shards = shards.len(),
-                owned = self.owned,
-                "{detail}"
-            );
-            return Some(IncidentReport::new(
-                IncidentReport::SUSPECTED,
-                shards,
-                detail,
-            ));
-        }
-        if self.active
-            && hub
-                .owned()
-                .all(|s| matches!(s.state(), ShardState::Active | ShardState::Fatal))
-        {
-            self.active = false;
-            self.failures.clear();
-            let detail = "every shard is active again; normal identify pacing restored".to_string();
-            tracing::info!(
-                event = %"discord_incident_recovered",
-                class = %"incident",
-                "{detail}"
-            );
-            // The shards the incident was about.
-            let shards = hub.incident().map(|i| i.shards).unwrap_or_default();
-            return Some(IncidentReport::new(
-                IncidentReport::RECOVERED,
-                shards,
-                detail,
-            ));
-        }
-        None
     }
 }
 
@@ -1215,60 +1134,6 @@ mod tests {
             }
             ShardExit::Shutdown(None)
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn correlated_failures_are_an_incident_message_not_a_session_event() {
-        let hub = Hub::new(
-            EventLog::new(1, 1 << 20),
-            &[0, 1, 2, 3],
-            4,
-            Vec::new(),
-            HashMap::new(),
-            IdentifyBudget::default(),
-        );
-        let mut lines = hub.sessions.subscribe();
-        let mut detector = IncidentDetector::new(4);
-        let closed = |shard| {
-            let mut report = SessionReport::new(shard, "closed");
-            report.class = Some("transport");
-            report
-        };
-        assert!(detector.observe(&closed(1), &hub).is_none());
-        assert!(detector.observe(&closed(3), &hub).is_none());
-        let incident = detector.observe(&closed(2), &hub).expect("3 of 4 shards");
-        hub.report_incident(&incident);
-        let line: serde_json::Value =
-            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
-        assert_eq!(line["op"], "incident");
-        assert_eq!(line["state"], "suspected");
-        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
-        assert!(line.get("shard").is_none() && line.get("event").is_none());
-        assert!(
-            hub.owned().all(|s| s.last_report().is_none()),
-            "not stamped on any shard"
-        );
-        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
-        assert_eq!(health["incident"]["state"], "suspected");
-        assert_eq!(health["incident"]["shards"], serde_json::json!([1, 2, 3]));
-
-        for s in &hub.shards {
-            s.set_state(ShardState::Active);
-        }
-        let recovered = detector
-            .observe(&SessionReport::new(2, "resumed"), &hub)
-            .expect("every shard is back");
-        hub.report_incident(&recovered);
-        let line: serde_json::Value =
-            serde_json::from_slice(&lines.recv().await.expect("line")).expect("json");
-        assert_eq!(
-            (&line["op"], &line["state"]),
-            (&"incident".into(), &"recovered".into())
-        );
-        assert_eq!(line["shards"], serde_json::json!([1, 2, 3]));
-        let health: serde_json::Value = serde_json::from_slice(&hub.health_line()).expect("json");
-        assert!(health["incident"].is_null());
-        assert_eq!(hub.incidents.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
