@@ -23,6 +23,10 @@ fn free_port() -> u16 {
 
 /// One request through the front door; the status it answered.
 async fn call(addr: SocketAddr, method: &str, path: &str) -> u16 {
+    call_as(addr, method, path, TOKEN).await
+}
+
+async fn call_as(addr: SocketAddr, method: &str, path: &str, token: &str) -> u16 {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let body = if method == "POST" {
         r#"{"content":"hi"}"#
@@ -30,7 +34,7 @@ async fn call(addr: SocketAddr, method: &str, path: &str) -> u16 {
         ""
     };
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bot {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bot {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -47,6 +51,35 @@ async fn call(addr: SocketAddr, method: &str, path: &str) -> u16 {
 /// The next `incident` message, skipping everything else.
 async fn next_incident(bot: &mut Bot) -> Value {
     bot.next_op("incident").await
+}
+
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    text
+}
+
+/// The metrics once they contain `line` (they are exported now and then).
+async fn metrics_show(port: u16, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics(port);
+        if text.contains(line) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn status_table(daemon: &Daemon) -> String {
@@ -67,7 +100,9 @@ async fn status_table(daemon: &Daemon) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_failures_across_routes_are_one_incident_that_clears_when_calls_succeed() {
     let port = free_port();
-    let (sim, daemon, _tmp) = start_with(shards(2), "", |t| {
+    let metrics_port = free_port();
+    let extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"");
+    let (sim, daemon, _tmp) = start_with(shards(2), &extra, |t| {
         let mut proxy = toml::Table::new();
         proxy.insert("listen".into(), format!("127.0.0.1:{port}").into());
         t.insert("proxy".into(), proxy.into());
@@ -80,6 +115,14 @@ async fn rest_failures_across_routes_are_one_incident_that_clears_when_calls_suc
     let (mut bot, _) = Bot::connect(&daemon.socket(), hello).await;
     wait_sim(&sim, "both shards identified", |s| s.sessions().len() == 2).await;
     let channel = world::text_channel_ids(sim.shard_guilds(0)[0])[0];
+
+    // Secrets in a route, a query and another token's Authorization.
+    let webhook = "/api/v10/webhooks/77/secret-webhook-token?wait=true&token=query-secret";
+    assert_eq!(call(addr, "POST", webhook).await, 404);
+    assert_eq!(
+        call_as(addr, "GET", "/api/v10/users/@me", "other-secret-token-zz99").await,
+        401
+    );
 
     // One route failing over and over is that route's problem.
     sim.set_rest_failure(Some(RestFailure::Status(500, None)));
@@ -113,6 +156,7 @@ async fn rest_failures_across_routes_are_one_incident_that_clears_when_calls_suc
     bot.send(json!({"op":"status"})).await;
     let health = bot.next_op("health").await;
     assert_eq!(health["incident"]["state"], "suspected", "{health}");
+    metrics_show(metrics_port, "\nshardwarden_discord_incident 1\n").await;
 
     // Still failing: no second report. Then Discord answers again.
     assert_eq!(call(addr, "GET", "/api/v10/applications/@me").await, 500);
@@ -131,5 +175,26 @@ async fn rest_failures_across_routes_are_one_incident_that_clears_when_calls_suc
         "one report:\n{log}"
     );
     assert_eq!(log.matches("event=discord_incident_recovered").count(), 1);
-    assert!(!log.contains(TOKEN), "no token in the log");
+    metrics_show(metrics_port, "\nshardwarden_discord_incidents_total 1\n").await;
+    let scraped = metrics_show(metrics_port, "\nshardwarden_discord_incident 0\n").await;
+    assert!(
+        scraped.contains("shardwarden_rest_failures_total{"),
+        "{scraped}"
+    );
+    for secret in [
+        TOKEN,
+        "other-secret-token",
+        "secret-webhook-token",
+        "query-secret",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
+        assert!(
+            !scraped.contains(secret),
+            "{secret:?} in the metrics:\n{scraped}"
+        );
+    }
+    assert!(
+        log.contains("…zz99"),
+        "the other token by its last 4:\n{log}"
+    );
 }
