@@ -4,7 +4,7 @@
 //! whether a lost connection is resumed, re-identified or fatal.
 //!
 //! This file is the connection lifecycle (connect, the per-connection loop,
-//! close handling, backoff); [`payloads`] is what the shard does with each
+//! close handling, backoff); `payloads.rs` is what the shard does with each
 //! payload and how it writes frames.
 
 use std::sync::Arc;
