@@ -589,7 +589,7 @@ fn own_message(st: &State, channel_id: u64, message_id: u64) -> Result<Value, Re
     }
     st.bot_messages
         .get(&message_id)
-        .filter(|m| m["channel_id"] == channel_id.to_string())
+        .filter(|m| m["channel_id"].as_str().and_then(|c| c.parse().ok()) == Some(channel_id))
         .cloned()
         .ok_or_else(|| Response::discord_error(404, 10008, "Unknown Message"))
 }
