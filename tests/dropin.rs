@@ -14,7 +14,9 @@
 //! 6. a message sent with the library's REST call reaches the simulator through the front
 //!    door and comes back as MESSAGE_CREATE;
 //! 7. wrong token, a shard the daemon does not own (4010), intents it does not hold
-//!    (4013/4014): what each library reports.
+//!    (4013/4014): what each library reports;
+//! 8. both libraries send bursts of messages to two channels at once: each message
+//!    reaches the simulator once, and at most one 429 per bucket reaches it.
 //!
 //! The libraries are installed by `tests/dropin/setup.sh` (`.ci/run` calls it); without
 //! them the tests are skipped with a printed reason, except under `CI`.
@@ -30,7 +32,7 @@ use common::bots::{
 use common::daemon::{self, Daemon, TOKEN};
 use common::servers::free_port;
 use serde_json::{Value, json};
-use shardwarden::simulator::{SimConfig, Simulator, world};
+use shardwarden::simulator::{RateLimitCounts, SimConfig, Simulator, world};
 
 const SHARDS: u32 = 2;
 /// What the bots ask for by default: GUILDS, GUILD_MEMBERS, GUILD_EXPRESSIONS,
@@ -56,13 +58,18 @@ impl FrontDoor {
     /// `range`: the daemon's `[shards] range` (all shards when `None`). Returns once every
     /// owned shard has its READY and GUILD_CREATEs upstream and the front door listens.
     async fn start(range: Option<&str>) -> FrontDoor {
+        FrontDoor::start_on(range, SimConfig::default()).await
+    }
+
+    /// As [`FrontDoor::start`], on a simulator with `sim`'s REST limits.
+    async fn start_on(range: Option<&str>, sim: SimConfig) -> FrontDoor {
         let port = free_port();
         let (sim, daemon, dir) = daemon::start_with(
             SimConfig {
                 shards: SHARDS,
                 guilds_per_shard: 2,
                 max_concurrency: 2,
-                ..SimConfig::default()
+                ..sim
             },
             "",
             |t| {
@@ -656,4 +663,110 @@ async fn real_libraries_get_discords_refusals() {
         .map(|c| c.path)
         .collect();
     assert_eq!(refused_calls, vec!["/api/v10/users/@me".to_string()]);
+}
+
+/// Sends `per_channel` messages to each of `channels` as fast as `bot`'s library allows
+/// (every `send` command at once; the library queues them by bucket) and waits for every
+/// `sent`. Returns the contents sent.
+async fn burst(bot: &mut Bot, channels: &[u64], per_channel: usize) -> Vec<String> {
+    let tag = match bot.lib {
+        Lib::DiscordPy => "py",
+        Lib::DiscordJs => "js",
+    };
+    let mut contents = Vec::new();
+    for i in 0..per_channel {
+        for channel in channels {
+            let content = format!("burst {tag} {channel} {i}");
+            let r = format!("b-{tag}-{channel}-{i}");
+            bot.command(json!({"op": "send", "ref": r, "channel_id": channel.to_string(), "content": content}))
+                .await;
+            contents.push(content);
+        }
+    }
+    let is_burst =
+        |e: &Value| e["event"] == "sent" && e["ref"].as_str().is_some_and(|r| r.starts_with("b-"));
+    let mut sent = bot.seen.iter().filter(|e| is_burst(e)).count();
+    while sent < contents.len() {
+        bot.wait_for("every burst message sent", BURST_TIMEOUT, is_burst)
+            .await;
+        sent += 1;
+    }
+    contents
+}
+
+/// How long a whole burst may take (the libraries wait out the buckets).
+const BURST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_libraries_sending_at_once_meet_one_429_per_bucket_at_most() {
+    if both_libraries().is_none() {
+        return;
+    }
+    // 10 messages per second per channel, as on a busy bot's channels: 2 libraries × 30
+    // messages to each of 2 channels wait on the buckets for about 6 s.
+    let fd = FrontDoor::start_on(
+        None,
+        SimConfig {
+            message_bucket: (10, Duration::from_secs(1)),
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    let sim = &fd.sim;
+    let mut py = fd.spawn(Lib::DiscordPy, &[0, 1], &[]);
+    let mut js = fd.spawn(Lib::DiscordJs, &[0, 1], &[]);
+    tokio::join!(
+        py.wait_for("ready", READY_TIMEOUT, |e| e["event"] == "ready"),
+        js.wait_for("ready", READY_TIMEOUT, |e| e["event"] == "ready"),
+    );
+    // A channel of a guild of each shard.
+    let channels = [
+        world::text_channel_ids(sim.shard_guilds(0)[0])[0],
+        world::text_channel_ids(sim.shard_guilds(1)[0])[0],
+    ];
+    const PER_CHANNEL: usize = 30;
+    let from = sim.rest_calls().len();
+    let started = std::time::Instant::now();
+    let (py_sent, js_sent) = tokio::join!(
+        burst(&mut py, &channels, PER_CHANNEL),
+        burst(&mut js, &channels, PER_CHANNEL),
+    );
+    let elapsed = started.elapsed();
+    let calls: Vec<_> = sim.rest_calls().into_iter().skip(from).collect();
+    let counts = RateLimitCounts::of(&calls);
+    let posts = calls.iter().filter(|c| c.method == "POST").count();
+    eprintln!(
+        "{} messages in {elapsed:?} ({:.1}/s), {posts} POSTs; 429s per bucket {:?}, global {}, shared {}",
+        py_sent.len() + js_sent.len(),
+        (py_sent.len() + js_sent.len()) as f64 / elapsed.as_secs_f64(),
+        counts.by_bucket,
+        counts.global,
+        counts.shared,
+    );
+    // Every message reached Discord exactly once (a 429 is not processed: not counted).
+    let mut delivered: std::collections::HashMap<String, usize> = Default::default();
+    for c in calls
+        .iter()
+        .filter(|c| c.method == "POST" && c.status == 200)
+    {
+        if let Some(content) = c.body.as_ref().and_then(|b| b["content"].as_str()) {
+            *delivered.entry(content.to_string()).or_default() += 1;
+        }
+    }
+    for content in py_sent.iter().chain(&js_sent) {
+        assert_eq!(
+            delivered.get(content),
+            Some(&1),
+            "{content:?} reached the simulator once"
+        );
+    }
+    assert_eq!(delivered.len(), 4 * PER_CHANNEL, "nothing else was posted");
+    assert!(
+        counts.by_bucket.values().all(|n| *n <= 1),
+        "at most one 429 per bucket reached Discord: {:?}",
+        counts.by_bucket
+    );
+    assert_eq!(counts.global, 0, "none on the global limit");
+    py.exit().await;
+    js.exit().await;
 }

@@ -1,20 +1,32 @@
 //! Minimal HTTP/1.1 server for the REST routes bot libraries call at login and use:
 //! `GET /gateway[/bot]`, `GET /users/@me`, `GET /oauth2/applications/@me` (and
-//! `/applications/@me`), `GET /channels/{id}` and `POST /channels/{id}/messages`, under
-//! `/api/v10` and `/api/v9`. One request per connection (`Connection: close`); bodies by
-//! `Content-Length` or chunked. Every answer carries Discord's rate-limit headers from a
-//! fixed-window bucket per route and major parameter; an exhausted bucket answers 429 in
-//! Discord's shape.
+//! `/applications/@me`), `GET /channels/{id}`, `POST /channels/{id}/messages`,
+//! `PATCH`/`DELETE /channels/{id}/messages/{id}` and
+//! `POST /interactions/{id}/{token}/callback`, under `/api/v10` and `/api/v9`. One request
+//! per connection (`Connection: close`); bodies by `Content-Length` or chunked.
+//!
+//! Rate limits as Discord applies them:
+//! - Each route template belongs to a bucket (its own, or one shared with other templates,
+//!   [`SimConfig::shared_buckets`]); a bucket is counted per major parameter (channel id,
+//!   interaction id + token) in a fixed window that starts with its first request.
+//! - The token's global limit ([`SimConfig::global_limit`] per second) is checked first,
+//!   for every route but interaction callbacks; an exhausted one answers 429 with
+//!   `X-RateLimit-Global: true` and scope `global`, and takes nothing from the bucket.
+//! - Every answer to a known route with the bot's token carries `X-RateLimit-Limit`,
+//!   `-Remaining`, `-Reset`, `-Reset-After` and `-Bucket`; 429s carry `Retry-After`,
+//!   `X-RateLimit-Scope` and a body with `retry_after` (seconds), `global` and `code`.
+//! - Injected failures (whole API or per route) answer before any limit is counted; they
+//!   carry the bucket's headers without taking from it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::world;
-use super::{Inner, RestCall, RestFailure, State};
+use super::{Inner, LimitScope, RestCall, RestFailure, SimConfig, State};
 
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body accepted (Discord's own limit for non-file requests is lower).
@@ -29,9 +41,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
             res = listener.accept() => {
                 if let Ok((stream, _)) = res {
                     let inner = inner.clone();
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), handle(inner, stream)).await;
-                    });
+                    tokio::spawn(handle(inner, stream));
                 }
             }
             _ = super::wait_shutdown(&mut shutdown) => break,
@@ -54,6 +64,14 @@ impl Response {
         }
     }
 
+    fn no_content() -> Response {
+        Response {
+            status: 204,
+            body: String::new(),
+            extra_headers: Vec::new(),
+        }
+    }
+
     fn discord_error(status: u16, code: u32, message: &str) -> Response {
         Response {
             status,
@@ -66,6 +84,7 @@ impl Response {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -86,6 +105,11 @@ fn reason(status: u16) -> &'static str {
 const SHARED_429: u16 = 1429;
 /// Stands for a global 429 in injected failures.
 const GLOBAL_429: u16 = 2429;
+
+/// How long reading one request may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long writing one answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn error_response(status: u16, retry_after: Option<f64>) -> Response {
     let mut extra_headers = Vec::new();
@@ -246,83 +270,149 @@ enum Route {
     ApplicationMe,
     Channel(u64),
     ChannelMessages(u64),
+    /// `PATCH` or `DELETE` of one message: (channel, message).
+    ChannelMessage(u64, u64),
+    /// An interaction's callback: (interaction id, token).
+    InteractionCallback(u64, String),
+}
+
+/// A request's route, as the rate limits see it.
+struct Parsed {
+    route: Route,
+    /// `METHOD /template/{param}`, as Discord's docs write routes.
+    template: String,
+    /// The major parameter (channel id, interaction id and token), `""` when none.
+    major: String,
 }
 
 impl Route {
-    /// The route and its bucket key (`METHOD template major`) for a method and a path below
-    /// `/api/vN`; `Err` with 404 or 405.
-    fn parse(method: &str, path: &str) -> Result<(Route, String), u16> {
+    /// The route of a method and a path below `/api/vN`; `Err` with 404 or 405.
+    fn parse(method: &str, path: &str) -> Result<Parsed, u16> {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let id = |s: &str| s.parse::<u64>().map_err(|_| 404u16);
-        let (route, allowed) = match segs.as_slice() {
-            ["gateway"] => (Route::Gateway, "GET"),
-            ["gateway", "bot"] => (Route::GatewayBot, "GET"),
-            ["users", "@me"] => (Route::UsersMe, "GET"),
+        let (route, allowed, template): (Route, &[&str], &str) = match segs.as_slice() {
+            ["gateway"] => (Route::Gateway, &["GET"], path),
+            ["gateway", "bot"] => (Route::GatewayBot, &["GET"], path),
+            ["users", "@me"] => (Route::UsersMe, &["GET"], path),
             ["oauth2", "applications", "@me"] | ["applications", "@me"] => {
-                (Route::ApplicationMe, "GET")
+                (Route::ApplicationMe, &["GET"], path)
             }
-            ["channels", c] => (Route::Channel(id(c)?), "GET"),
-            ["channels", c, "messages"] => (Route::ChannelMessages(id(c)?), "POST"),
+            ["channels", c] => (Route::Channel(id(c)?), &["GET"], "/channels/{channel_id}"),
+            ["channels", c, "messages"] => (
+                Route::ChannelMessages(id(c)?),
+                &["POST"],
+                "/channels/{channel_id}/messages",
+            ),
+            ["channels", c, "messages", m] => (
+                Route::ChannelMessage(id(c)?, id(m)?),
+                &["PATCH", "DELETE"],
+                "/channels/{channel_id}/messages/{message_id}",
+            ),
+            ["interactions", i, token, "callback"] => (
+                Route::InteractionCallback(id(i)?, (*token).to_string()),
+                &["POST"],
+                "/interactions/{interaction_id}/{interaction_token}/callback",
+            ),
             _ => return Err(404),
         };
-        if method != allowed {
+        if !allowed.contains(&method) {
             return Err(405);
         }
-        let bucket = match &route {
-            Route::Channel(c) => format!("{method} /channels/{{channel_id}} {c}"),
-            Route::ChannelMessages(c) => format!("{method} /channels/{{channel_id}}/messages {c}"),
-            _ => format!("{method} {path}"),
+        let major = match &route {
+            Route::Channel(c) | Route::ChannelMessages(c) | Route::ChannelMessage(c, _) => {
+                c.to_string()
+            }
+            Route::InteractionCallback(i, token) => format!("{i}/{token}"),
+            _ => String::new(),
         };
-        Ok((route, bucket))
+        Ok(Parsed {
+            template: format!("{method} {template}"),
+            route,
+            major,
+        })
+    }
+
+    /// Interaction callbacks are not bound by the global limit, as on Discord.
+    fn global_exempt(&self) -> bool {
+        matches!(self, Route::InteractionCallback(..))
     }
 }
 
-/// Discord's bucket hash is opaque; this one is stable per route template.
-fn bucket_hash(key: &str) -> String {
-    let template =
-        key.rsplit_once(' ').map_or(
-            key,
-            |(t, major)| {
-                if major.parse::<u64>().is_ok() { t } else { key }
-            },
-        );
+/// The bucket of a route template: its hash (what `X-RateLimit-Bucket` says) and limit.
+/// Discord's hash is opaque; this one is stable per template, or per shared group.
+fn bucket_of(cfg: &SimConfig, template: &str) -> (String, (u32, Duration)) {
+    let (name, limit) = match cfg
+        .shared_buckets
+        .iter()
+        .find(|b| b.routes.iter().any(|r| r == template))
+    {
+        Some(shared) => (shared.routes.join("|"), shared.limit),
+        None if template == "POST /channels/{channel_id}/messages" => {
+            (template.to_string(), cfg.message_bucket)
+        }
+        None => (template.to_string(), cfg.route_bucket),
+    };
     // FNV-1a, 64 bit.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in template.bytes() {
+    for b in name.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{h:016x}")
+    (format!("{h:016x}"), limit)
 }
 
-/// Takes one request from the bucket; returns the headers and, when exhausted, the
-/// seconds to wait.
-fn take_bucket(
+/// A fixed window: it starts with the first request after the previous one ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Window {
+    start: Option<tokio::time::Instant>,
+    used: u32,
+}
+
+impl Window {
+    /// Takes one request (`take`) or only looks. Returns (remaining, reset after, whether
+    /// the window was already full).
+    fn count(&mut self, limit: (u32, Duration), take: bool) -> (u32, Duration, bool) {
+        let now = tokio::time::Instant::now();
+        let (max, length) = (limit.0.max(1), limit.1);
+        let start = match self.start {
+            Some(start) if now.duration_since(start) < length => start,
+            _ if take => {
+                self.used = 0;
+                *self.start.insert(now)
+            }
+            // An idle bucket, only looked at: full and not started.
+            _ => return (max, length, false),
+        };
+        let full = self.used >= max;
+        if take && !full {
+            self.used += 1;
+        }
+        let reset_after = length.saturating_sub(now.duration_since(start));
+        (max - self.used.min(max), reset_after, full)
+    }
+}
+
+/// Counts one request against a bucket (`take`) or only looks at it. Returns Discord's
+/// headers for it and, when the window was full, the seconds to wait.
+fn count_bucket(
     st: &mut State,
-    key: &str,
+    hash: &str,
+    major: &str,
     limit: (u32, Duration),
+    take: bool,
 ) -> (Vec<(String, String)>, Option<f64>) {
-    let now = Instant::now();
-    let (max, window) = (limit.0.max(1), limit.1);
-    let entry = st.rest_buckets.entry(key.to_string()).or_insert((now, 0));
-    if now.duration_since(entry.0) >= window {
-        *entry = (now, 0);
-    }
-    let limited = entry.1 >= max;
-    if !limited {
-        entry.1 += 1;
-    }
-    let reset_after = window.saturating_sub(now.duration_since(entry.0));
+    let window = st
+        .rest_buckets
+        .entry(format!("{hash} {major}"))
+        .or_default();
+    let (remaining, reset_after, full) = window.count(limit, take);
     let reset_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         + reset_after;
     let headers = vec![
-        ("X-RateLimit-Limit".to_string(), max.to_string()),
-        (
-            "X-RateLimit-Remaining".to_string(),
-            (max - entry.1.min(max)).to_string(),
-        ),
+        ("X-RateLimit-Limit".to_string(), limit.0.max(1).to_string()),
+        ("X-RateLimit-Remaining".to_string(), remaining.to_string()),
         (
             "X-RateLimit-Reset".to_string(),
             format!("{:.3}", reset_at.as_secs_f64()),
@@ -331,60 +421,89 @@ fn take_bucket(
             "X-RateLimit-Reset-After".to_string(),
             format!("{:.3}", reset_after.as_secs_f64()),
         ),
-        ("X-RateLimit-Bucket".to_string(), bucket_hash(key)),
+        ("X-RateLimit-Bucket".to_string(), hash.to_string()),
     ];
-    (headers, limited.then_some(reset_after.as_secs_f64()))
+    (headers, full.then_some(reset_after.as_secs_f64()))
 }
 
-/// Injected failure for this request: `Some(Some(status, retry_after))`, `Some(None)` to hang up.
-fn injected_failure(st: &mut State) -> Option<Option<(u16, Option<f64>)>> {
-    match st.rest_failure.clone() {
-        None => None,
-        Some(RestFailure::Status(code, ra)) => Some(Some((code, ra))),
-        Some(RestFailure::Hangup) => Some(None),
-        Some(RestFailure::Shared { times, retry_after }) => {
-            st.rest_failure = (times > 1).then_some(RestFailure::Shared {
+/// What an injected failure does to one request.
+enum Injected {
+    /// Answer with this status (a 429 with this retry_after).
+    Status(u16, Option<f64>),
+    /// Close the connection without an answer.
+    Hangup,
+}
+
+/// Applies the injection in `slot` to one request, spending one of a counted failure
+/// (the slot empties when none is left).
+fn apply_failure(slot: &mut Option<RestFailure>) -> Option<Injected> {
+    match slot.clone()? {
+        RestFailure::Status(code, ra) => Some(Injected::Status(code, ra)),
+        RestFailure::Hangup => Some(Injected::Hangup),
+        RestFailure::Shared { times, retry_after } => {
+            *slot = (times > 1).then_some(RestFailure::Shared {
                 times: times - 1,
                 retry_after,
             });
-            (times > 0).then_some(Some((SHARED_429, Some(retry_after))))
+            (times > 0).then_some(Injected::Status(SHARED_429, Some(retry_after)))
         }
-        Some(RestFailure::Global { times, retry_after }) => {
-            st.rest_failure = (times > 1).then_some(RestFailure::Global {
+        RestFailure::Global { times, retry_after } => {
+            *slot = (times > 1).then_some(RestFailure::Global {
                 times: times - 1,
                 retry_after,
             });
-            (times > 0).then_some(Some((GLOBAL_429, Some(retry_after))))
+            (times > 0).then_some(Injected::Status(GLOBAL_429, Some(retry_after)))
         }
-        Some(RestFailure::Count(n)) => {
-            st.rest_failure = if n > 1 {
-                Some(RestFailure::Count(n - 1))
-            } else {
-                None
-            };
-            if n > 0 { Some(Some((502, None))) } else { None }
+        RestFailure::Count(n) => {
+            *slot = (n > 1).then_some(RestFailure::Count(n - 1));
+            (n > 0).then_some(Injected::Status(502, None))
         }
-        Some(RestFailure::Times {
+        RestFailure::Times {
             times,
             status,
             retry_after,
-        }) => {
-            st.rest_failure = if times > 1 {
-                Some(RestFailure::Times {
-                    times: times - 1,
-                    status,
-                    retry_after,
-                })
-            } else {
-                None
-            };
-            if times > 0 {
-                Some(Some((status, retry_after)))
-            } else {
-                None
-            }
+        } => {
+            *slot = (times > 1).then_some(RestFailure::Times {
+                times: times - 1,
+                status,
+                retry_after,
+            });
+            (times > 0).then_some(Injected::Status(status, retry_after))
         }
     }
+}
+
+/// The injected failure for this request: the first route-scoped one that covers it,
+/// else the whole API's.
+fn injected_failure(st: &mut State, method: &str, api_path: Option<&str>) -> Option<Injected> {
+    if let Some(path) = api_path
+        && let Some(i) = st
+            .route_failures
+            .iter()
+            .position(|(scope, _)| scope.covers(method, path))
+    {
+        let mut slot = Some(st.route_failures[i].1.clone());
+        let injected = apply_failure(&mut slot);
+        match slot {
+            Some(left) => st.route_failures[i].1 = left,
+            None => {
+                st.route_failures.remove(i);
+            }
+        }
+        if injected.is_some() {
+            return injected;
+        }
+    }
+    apply_failure(&mut st.rest_failure)
+}
+
+/// The injected delay before answering this request, if any.
+fn injected_delay(st: &State, method: &str, api_path: Option<&str>) -> Option<Duration> {
+    let path = api_path.unwrap_or("");
+    st.route_delays
+        .iter()
+        .find(|(scope, _)| scope.covers(method, path))
+        .map(|(_, d)| *d)
 }
 
 /// The JSON of a request body: plain JSON, or the `payload_json` part of a multipart form.
@@ -458,7 +577,75 @@ fn create_message(st: &mut State, channel_id: u64, req: &Request) -> Response {
     }
     let gateway = world::gateway_message(msg.clone(), guild_id).to_string();
     st.dispatch_to_guild(guild_id, GUILD_MESSAGES, "MESSAGE_CREATE", &gateway);
+    st.remember_bot_message(&msg);
     Response::ok(msg)
+}
+
+/// The bot's message `message_id` in `channel_id`, or Discord's 404.
+fn own_message(st: &State, channel_id: u64, message_id: u64) -> Result<Value, Response> {
+    let guild_id = world::guild_of(channel_id);
+    if !st.guild_exists(guild_id) || world::channel_object(guild_id, channel_id).is_none() {
+        return Err(Response::discord_error(404, 10003, "Unknown Channel"));
+    }
+    st.bot_messages
+        .get(&message_id)
+        .filter(|m| m["channel_id"].as_str().and_then(|c| c.parse().ok()) == Some(channel_id))
+        .cloned()
+        .ok_or_else(|| Response::discord_error(404, 10008, "Unknown Message"))
+}
+
+/// PATCH /channels/{id}/messages/{id}: edits the content of one of the bot's messages and
+/// dispatches MESSAGE_UPDATE.
+fn edit_message(st: &mut State, channel_id: u64, message_id: u64, req: &Request) -> Response {
+    let mut msg = match own_message(st, channel_id, message_id) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let body = match body_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match body.get("content") {
+        None => {}
+        Some(Value::Null) => msg["content"] = json!(""),
+        Some(Value::String(s)) if s.chars().count() <= 2000 => msg["content"] = json!(s),
+        Some(Value::String(_)) => {
+            return invalid_form(
+                "content",
+                "BASE_TYPE_MAX_LENGTH",
+                "Must be 2000 or fewer in length.",
+            );
+        }
+        Some(_) => {
+            return invalid_form(
+                "content",
+                "STRING_TYPE_CONVERT",
+                "Could not interpret value as string.",
+            );
+        }
+    }
+    msg["edited_timestamp"] = json!(world::snowflake_timestamp(world::new_snowflake()));
+    let guild_id = world::guild_of(channel_id);
+    let gateway = world::gateway_message(msg.clone(), guild_id).to_string();
+    st.dispatch_to_guild(guild_id, GUILD_MESSAGES, "MESSAGE_UPDATE", &gateway);
+    st.bot_messages.insert(message_id, msg.clone());
+    Response::ok(msg)
+}
+
+/// DELETE /channels/{id}/messages/{id}: 204, and MESSAGE_DELETE on the gateway.
+fn delete_message(st: &mut State, channel_id: u64, message_id: u64) -> Response {
+    if let Err(r) = own_message(st, channel_id, message_id) {
+        return r;
+    }
+    st.bot_messages.remove(&message_id);
+    let guild_id = world::guild_of(channel_id);
+    let d = json!({
+        "id": message_id.to_string(),
+        "channel_id": channel_id.to_string(),
+        "guild_id": guild_id.to_string(),
+    });
+    st.dispatch_to_guild(guild_id, GUILD_MESSAGES, "MESSAGE_DELETE", &d.to_string());
+    Response::no_content()
 }
 
 fn invalid_form(field: &str, code: &str, message: &str) -> Response {
@@ -500,80 +687,141 @@ fn route_response(inner: &Inner, st: &mut State, route: &Route, req: &Request) -
             }
         }
         Route::ChannelMessages(c) => create_message(st, *c, req),
+        Route::ChannelMessage(c, m) if req.method == "PATCH" => edit_message(st, *c, *m, req),
+        Route::ChannelMessage(c, m) => delete_message(st, *c, *m),
+        // Any interaction is accepted: the simulator does not send interactions.
+        Route::InteractionCallback(..) => Response::no_content(),
     }
 }
 
+/// The answer to a request of a known route: its bucket and the global limit counted, or
+/// the injected failure.
+fn answer_route(
+    inner: &Inner,
+    st: &mut State,
+    parsed: &Parsed,
+    req: &Request,
+    failure: Option<(u16, Option<f64>)>,
+) -> (Response, Option<String>) {
+    let route = &parsed.route;
+    let (hash, limit) = bucket_of(&st.cfg, &parsed.template);
+    let bucket = Some(format!("{hash} {}", parsed.major));
+    let expected = format!("Bot {}", st.cfg.token);
+    let authorized = req.header("authorization") == Some(expected.as_str());
+    let needs_token = !matches!(route, Route::Gateway | Route::InteractionCallback(..));
+    if let Some((code, ra)) = failure {
+        let mut r = error_response(code, ra);
+        if authorized || !needs_token {
+            r.extra_headers
+                .extend(count_bucket(st, &hash, &parsed.major, limit, false).0);
+        }
+        return (r, bucket);
+    }
+    if needs_token && !authorized {
+        return (error_response(401, None), bucket);
+    }
+    if !route.global_exempt()
+        && let Some(per_second) = st.cfg.global_limit
+    {
+        let (_, reset_after, full) = st
+            .rest_global
+            .count((per_second, Duration::from_secs(1)), true);
+        if full {
+            let mut r = error_response(GLOBAL_429, Some(reset_after.as_secs_f64()));
+            r.extra_headers
+                .extend(count_bucket(st, &hash, &parsed.major, limit, false).0);
+            return (r, bucket);
+        }
+    }
+    let (headers, limited) = count_bucket(st, &hash, &parsed.major, limit, true);
+    let mut r = match limited {
+        Some(wait) => error_response(429, Some(wait)),
+        None => route_response(inner, st, route, req),
+    };
+    r.extra_headers.extend(headers);
+    (r, bucket)
+}
+
 async fn handle(inner: Arc<Inner>, mut stream: TcpStream) {
-    let req = match read_request(&mut stream).await {
-        Ok(r) => r,
-        Err(ReadError::Status(s)) => {
+    let req = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(ReadError::Status(s))) => {
             let _ = write_response(&mut stream, &error_response(s, None)).await;
             return;
         }
-        Err(ReadError::Gone) => return,
+        Ok(Err(ReadError::Gone)) | Err(_) => return,
     };
     let path = req.path.clone();
     let api_path = path
         .strip_prefix("/api/v10")
         .or_else(|| path.strip_prefix("/api/v9"));
 
-    let resp = {
+    let (resp, delay) = {
         let mut st = inner.lock();
         st.rest_requests += 1;
-        let failure = injected_failure(&mut st);
-        let resp = match api_path.map(|p| Route::parse(&req.method, p)) {
-            None | Some(Err(404)) => error_response(404, None),
-            Some(Err(s)) => error_response(s, None),
-            Some(Ok((route, bucket))) => {
-                let expected = format!("Bot {}", st.cfg.token);
-                let authorized = req.header("authorization") == Some(expected.as_str());
-                match failure {
-                    Some(Some((code, ra))) => error_response(code, ra),
-                    Some(None) => {
-                        drop(st);
-                        inner.notify_changed();
-                        return; // hang up without a response
-                    }
-                    None if !authorized && !matches!(route, Route::Gateway) => {
-                        error_response(401, None)
-                    }
-                    None => {
-                        let limit = match route {
-                            Route::ChannelMessages(_) => st.cfg.message_bucket,
-                            _ => st.cfg.route_bucket,
-                        };
-                        let (headers, limited) = take_bucket(&mut st, &bucket, limit);
-                        let mut r = match limited {
-                            Some(wait) => error_response(429, Some(wait)),
-                            None => route_response(&inner, &mut st, &route, &req),
-                        };
-                        r.extra_headers.extend(headers);
-                        r
-                    }
-                }
+        let failure = match injected_failure(&mut st, &req.method, api_path) {
+            Some(Injected::Hangup) => {
+                drop(st);
+                inner.notify_changed();
+                return; // hang up without a response
+            }
+            Some(Injected::Status(code, ra)) => Some((code, ra)),
+            None => None,
+        };
+        let parsed = api_path.map(|p| Route::parse(&req.method, p));
+        let (resp, bucket, route) = match parsed {
+            None | Some(Err(404)) => (error_response(404, None), None, None),
+            Some(Err(s)) => (error_response(s, None), None, None),
+            Some(Ok(parsed)) => {
+                let (resp, bucket) = answer_route(&inner, &mut st, &parsed, &req, failure);
+                (resp, bucket, Some(parsed.template))
             }
         };
+        let scope = (resp.status == 429).then(|| scope_of(&resp));
         st.rest_calls.push(RestCall {
             method: req.method.clone(),
             path: path.clone(),
             user_agent: req.header("user-agent").map(str::to_string),
             status: resp.status,
             body: serde_json::from_slice(&req.body).ok(),
-            at: Instant::now(),
+            at: std::time::Instant::now(),
+            route,
+            bucket,
+            scope,
         });
-        resp
+        (resp, injected_delay(&st, &req.method, api_path))
     };
     inner.notify_changed();
-    let _ = write_response(&mut stream, &resp).await;
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
+}
+
+/// The scope a 429 answer says.
+fn scope_of(r: &Response) -> LimitScope {
+    let scope = r
+        .extra_headers
+        .iter()
+        .find(|(k, _)| k == "X-RateLimit-Scope")
+        .map(|(_, v)| v.as_str());
+    match scope {
+        Some("global") => LimitScope::Global,
+        Some("shared") => LimitScope::Shared,
+        _ => LimitScope::User,
+    }
 }
 
 async fn write_response(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        r.status,
-        reason(r.status),
-        r.body.len()
-    );
+    let mut out = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
+    // A 204 has neither a body nor its headers (RFC 9110 §8.6).
+    if r.status != 204 {
+        out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            r.body.len()
+        ));
+    }
+    out.push_str("Connection: close\r\n");
     for (k, v) in &r.extra_headers {
         out.push_str(k);
         out.push_str(": ");

@@ -2,8 +2,9 @@
 //!
 //! [`Simulator::start`] binds two loopback listeners: a minimal HTTP/1.1 server answering
 //! the REST routes bot libraries call at login and use (`/gateway/bot`, `/users/@me`,
-//! `/oauth2/applications/@me`, `GET /channels/{id}`, `POST /channels/{id}/messages`, with
-//! Discord's rate-limit headers), and a WebSocket gateway that speaks the Discord v10 JSON
+//! `/oauth2/applications/@me`, `GET /channels/{id}`, posting, editing and deleting
+//! messages, interaction callbacks; with Discord's buckets, shared buckets and global
+//! limit, and failures injected per route), and a WebSocket gateway that speaks the Discord v10 JSON
 //! protocol (HELLO, heartbeats, IDENTIFY/READY, RESUME/RESUMED, op 7/9, close codes,
 //! zlib-stream and zstd-stream transport compression). Tests and benchmarks steer it with
 //! [`Simulator::inject`] and [`Simulator::dispatch`] and inspect what clients did with
@@ -40,7 +41,7 @@ mod payloads;
 mod tests;
 pub mod world;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -101,6 +102,14 @@ pub struct SimConfig {
     pub message_bucket: (u32, Duration),
     /// REST bucket of every other route: requests per window.
     pub route_bucket: (u32, Duration),
+    /// Routes that share one bucket, as Discord groups routes under one
+    /// `X-RateLimit-Bucket` (counted per bucket and major parameter). A route in none of
+    /// them has a bucket of its own. Default: editing and deleting a message.
+    pub shared_buckets: Vec<SharedBucket>,
+    /// Requests per second the token may make across all routes (Discord: 50), in a fixed
+    /// window that starts with its first request; interaction callbacks are exempt. `None`:
+    /// no global limit.
+    pub global_limit: Option<u32>,
     /// Path of READY's `resume_gateway_url` (default `/resume`). `""` gives a URL with no
     /// path, like Discord's own and the front door's, to which libraries append `?v=10…`.
     pub resume_path: String,
@@ -125,9 +134,27 @@ impl Default for SimConfig {
             identify_window: Duration::from_secs(5),
             message_bucket: (5, Duration::from_secs(5)),
             route_bucket: (50, Duration::from_secs(1)),
+            shared_buckets: vec![SharedBucket {
+                routes: vec![
+                    "PATCH /channels/{channel_id}/messages/{message_id}".into(),
+                    "DELETE /channels/{channel_id}/messages/{message_id}".into(),
+                ],
+                limit: (5, Duration::from_secs(5)),
+            }],
+            global_limit: Some(50),
             resume_path: "/resume".to_string(),
         }
     }
+}
+
+/// Route templates sharing one REST bucket (see [`SimConfig::shared_buckets`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedBucket {
+    /// Route templates as Discord's docs write them, e.g.
+    /// `PATCH /channels/{channel_id}/messages/{message_id}` (see [`RestCall::route`]).
+    pub routes: Vec<String>,
+    /// Requests per window, per major parameter.
+    pub limit: (u32, Duration),
 }
 
 /// A fault injected into the live connection(s) of a shard.
@@ -160,7 +187,8 @@ pub enum Fault {
     Burst { count: u32, size: usize },
 }
 
-/// How the REST API (every route) should fail.
+/// How the REST API should fail: every route ([`Simulator::set_rest_failure`]) or the
+/// routes under a path prefix ([`Simulator::set_route_failure`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RestFailure {
     /// Every request fails with this status (429 uses the retry-after seconds) until cleared.
@@ -210,6 +238,91 @@ pub struct RestCall {
     /// The body, when it was JSON.
     pub body: Option<Value>,
     pub at: Instant,
+    /// The route template, e.g. `POST /channels/{channel_id}/messages` (`None` for paths
+    /// the API does not know).
+    pub route: Option<String>,
+    /// The bucket the request belongs to: its `X-RateLimit-Bucket` and major parameter,
+    /// `"{hash} {major}"` (`None` for unknown paths).
+    pub bucket: Option<String>,
+    /// For a 429: which limit answered it.
+    pub scope: Option<LimitScope>,
+}
+
+/// The `X-RateLimit-Scope` of a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    /// The bucket of this bot (counts as an invalid request on Discord).
+    User,
+    /// The bot's global limit (`X-RateLimit-Global: true`).
+    Global,
+    /// A resource's limit shared by every bot (not an invalid request).
+    Shared,
+}
+
+/// 429s answered, by bucket and by scope (see [`RateLimitCounts::of`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimitCounts {
+    /// 429s of scope `user` per bucket (`RestCall::bucket`).
+    pub by_bucket: BTreeMap<String, u32>,
+    pub user: u32,
+    pub global: u32,
+    pub shared: u32,
+}
+
+impl RateLimitCounts {
+    /// Counts the 429s among `calls` (e.g. `&sim.rest_calls()[from..]`).
+    pub fn of(calls: &[RestCall]) -> RateLimitCounts {
+        let mut counts = RateLimitCounts::default();
+        for c in calls {
+            match c.scope {
+                Some(LimitScope::User) => {
+                    counts.user += 1;
+                    let bucket = c.bucket.clone().unwrap_or_default();
+                    *counts.by_bucket.entry(bucket).or_default() += 1;
+                }
+                Some(LimitScope::Global) => counts.global += 1,
+                Some(LimitScope::Shared) => counts.shared += 1,
+                None => {}
+            }
+        }
+        counts
+    }
+
+    /// Every 429, whatever its scope.
+    pub fn total(&self) -> u32 {
+        self.user + self.global + self.shared
+    }
+}
+
+/// Which requests a route-scoped injection applies to: `"[METHOD ]/path/prefix"` below
+/// `/api/vN`, matched by whole path segments (`/channels/1` covers `/channels/1/messages`,
+/// not `/channels/12`); `""` or `"/"` covers every path.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RouteScope {
+    method: Option<String>,
+    prefix: String,
+}
+
+impl RouteScope {
+    fn parse(route: &str) -> RouteScope {
+        let route = route.trim();
+        let (method, prefix) = match route.split_once(' ') {
+            Some((m, p)) => (Some(m.to_ascii_uppercase()), p.trim()),
+            None if route.starts_with('/') || route.is_empty() => (None, route),
+            None => (Some(route.to_ascii_uppercase()), ""),
+        };
+        RouteScope {
+            method,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    fn covers(&self, method: &str, api_path: &str) -> bool {
+        self.method.as_deref().is_none_or(|m| m == method)
+            && api_path
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
 }
 
 /// One accepted WebSocket connection.
@@ -321,13 +434,40 @@ pub(crate) struct State {
     live: HashMap<u64, LiveConn>,
     buckets: HashMap<u32, Instant>,
     rest_failure: Option<RestFailure>,
+    /// Failures injected for the routes under a prefix; the first that covers a request
+    /// applies, before `rest_failure`.
+    route_failures: Vec<(RouteScope, RestFailure)>,
+    /// Delays before answering, for the routes under a prefix (the first that covers).
+    route_delays: Vec<(RouteScope, Duration)>,
     rest_requests: u64,
     rest_calls: Vec<RestCall>,
-    /// Fixed-window REST buckets: key -> (window start, requests in it).
-    rest_buckets: HashMap<String, (Instant, u32)>,
+    /// Fixed-window REST buckets: `"{hash} {major}"` -> window.
+    rest_buckets: HashMap<String, http::Window>,
+    /// The token's global fixed window.
+    rest_global: http::Window,
+    /// Messages the bot posted (for edit and delete), oldest first in `bot_message_order`.
+    bot_messages: HashMap<u64, Value>,
+    bot_message_order: VecDeque<u64>,
 }
 
+/// Bot messages kept for edits and deletes; older ones answer 404 like deleted ones.
+const BOT_MESSAGES_KEPT: usize = 10_000;
+
 impl State {
+    /// Keeps one of the bot's messages (a REST message object) for edits and deletes.
+    fn remember_bot_message(&mut self, msg: &Value) {
+        let Some(id) = msg["id"].as_str().and_then(|i| i.parse::<u64>().ok()) else {
+            return;
+        };
+        self.bot_messages.insert(id, msg.clone());
+        self.bot_message_order.push_back(id);
+        while self.bot_message_order.len() > BOT_MESSAGES_KEPT {
+            if let Some(old) = self.bot_message_order.pop_front() {
+                self.bot_messages.remove(&old);
+            }
+        }
+    }
+
     /// Whether `guild_id` is a guild of the simulated world: one of a session's shard, or of
     /// the configured shard count.
     fn guild_exists(&self, guild_id: u64) -> bool {
@@ -472,9 +612,14 @@ impl Simulator {
                 live: HashMap::new(),
                 buckets: HashMap::new(),
                 rest_failure: None,
+                route_failures: Vec::new(),
+                route_delays: Vec::new(),
                 rest_requests: 0,
                 rest_calls: Vec::new(),
                 rest_buckets: HashMap::new(),
+                rest_global: http::Window::default(),
+                bot_messages: HashMap::new(),
+                bot_message_order: VecDeque::new(),
             }),
             changed: Notify::new(),
             shutdown,
@@ -592,9 +737,40 @@ impl Simulator {
         self.inner.lock().cfg.session_start_remaining = n;
     }
 
-    /// Makes `GET /gateway/bot` fail (see [`RestFailure`]); `None` restores normal service.
+    /// Makes every REST route fail (see [`RestFailure`]); `None` restores normal service.
     pub fn set_rest_failure(&self, f: Option<RestFailure>) {
         self.inner.lock().rest_failure = f;
+    }
+
+    /// Makes the routes under `route` fail, the others answering as usual: `route` is
+    /// `"[METHOD ]/path/prefix"` below `/api/vN` (`"POST /channels/1/messages"`,
+    /// `"/channels/1"`), matched by whole segments. Replaces what was set for the same
+    /// `route`; `None` clears it. A counted failure (`Times`, `Count`, …) is cleared once
+    /// spent. Applies before [`Simulator::set_rest_failure`]'s.
+    pub fn set_route_failure(&self, route: &str, f: Option<RestFailure>) {
+        let scope = RouteScope::parse(route);
+        let mut st = self.inner.lock();
+        st.route_failures.retain(|(s, _)| *s != scope);
+        if let Some(f) = f {
+            st.route_failures.push((scope, f));
+        }
+    }
+
+    /// Holds every answer of the routes under `route` (as for
+    /// [`Simulator::set_route_failure`]; `""` for all) for `delay` before writing it; the
+    /// request itself is handled on arrival. `None` clears it.
+    pub fn set_route_delay(&self, route: &str, delay: Option<Duration>) {
+        let scope = RouteScope::parse(route);
+        let mut st = self.inner.lock();
+        st.route_delays.retain(|(s, _)| *s != scope);
+        if let Some(d) = delay {
+            st.route_delays.push((scope, d));
+        }
+    }
+
+    /// The 429s answered so far, by bucket and scope.
+    pub fn rate_limits(&self) -> RateLimitCounts {
+        RateLimitCounts::of(&self.inner.lock().rest_calls)
     }
 
     /// Sends one dispatch to every live session of `shard` (sequenced and logged for resume).
@@ -620,6 +796,20 @@ impl Simulator {
         }
         let msg = world::member_message(channel_id, content);
         st.dispatch_to_guild(guild_id, 1 << 9, "MESSAGE_CREATE", &msg.to_string());
+        Some(msg)
+    }
+
+    /// A message by the bot in `channel_id`, as if it had posted it earlier: kept for
+    /// `PATCH`/`DELETE /channels/{id}/messages/{id}`, dispatched nowhere. Returns the REST
+    /// message object, or `None` for a channel that does not exist.
+    pub fn bot_message(&self, channel_id: u64, content: &str) -> Option<Value> {
+        let guild_id = world::guild_of(channel_id);
+        let mut st = self.inner.lock();
+        if !st.guild_exists(guild_id) || !world::is_messageable(channel_id) {
+            return None;
+        }
+        let msg = world::bot_message(channel_id, content, None, false);
+        st.remember_bot_message(&msg);
         Some(msg)
     }
 

@@ -804,5 +804,6 @@ fn simulator_is_send_and_sync() {
     check::<ConnectionInfo>();
 }
 
+mod buckets;
 /// REST routes, the world's guilds and member chunks.
 mod world_rest;
