@@ -20,7 +20,6 @@
 pub mod cache;
 pub mod compress;
 pub mod gateway;
-pub mod ratelimit;
 pub mod server;
 pub mod sessions;
 pub mod snapshot;

@@ -39,11 +39,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::Shared;
 use super::gateway::{self, Params};
-use super::ratelimit;
 use crate::compression::Compression;
 use crate::config::{ProxyConfig, Token};
 use crate::hub::Hub;
 use crate::upstream::http::{ApiClient, Class, body_failure};
+use crate::upstream::rest_limiter;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -72,7 +72,7 @@ pub struct Ctx {
     /// Where REST requests go: the daemon's one HTTP client to `api_base`.
     upstream: Arc<ApiClient>,
     /// The one rate limiter of every REST request (DESIGN.md §6).
-    pub limiter: ratelimit::Limiter,
+    pub limiter: Arc<rest_limiter::Limiter>,
     /// Changes to true on shutdown.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -105,6 +105,7 @@ impl FrontDoor {
     pub async fn bind(
         config: &ProxyConfig,
         upstream: Arc<ApiClient>,
+        limiter: Arc<rest_limiter::Limiter>,
         token: Token,
         daemon_intents: u64,
         hub: Arc<Hub>,
@@ -128,11 +129,7 @@ impl FrontDoor {
                 heartbeat: config.heartbeat_interval,
                 daemon_intents,
                 upstream,
-                limiter: ratelimit::Limiter::new(
-                    config.global_rate_limit,
-                    config.invalid_request_limit,
-                    config.max_queue_wait,
-                ),
+                limiter,
                 shutdown,
             }),
         })
@@ -460,9 +457,9 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// The front door's own 429 (queue wait or invalid-request guard).
-fn local_429(refusal: &ratelimit::Refusal) -> Response<Body> {
+fn local_429(refusal: &rest_limiter::Refusal) -> Response<Body> {
     let (body, retry_after) = match refusal {
-        ratelimit::Refusal::QueueWait { wait, .. } => {
+        rest_limiter::Refusal::QueueWait { wait, .. } => {
             let secs = (wait.as_secs_f64() * 1000.0).ceil() / 1000.0;
             (
                 serde_json::json!({
@@ -473,7 +470,7 @@ fn local_429(refusal: &ratelimit::Refusal) -> Response<Body> {
                 secs,
             )
         }
-        ratelimit::Refusal::InvalidRequests { count, clears_in } => {
+        rest_limiter::Refusal::InvalidRequests { count, clears_in } => {
             let secs = clears_in.as_secs_f64().ceil();
             (
                 serde_json::json!({
@@ -533,9 +530,9 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let route = redacted_route(&path);
     let template = route_template(&route);
-    let key = ratelimit::route_key(method.as_str(), &path);
-    let exempt = ratelimit::is_interaction(&path);
-    let token = ratelimit::TokenId::of(
+    let key = rest_limiter::route_key(method.as_str(), &path);
+    let exempt = rest_limiter::is_interaction(&path);
+    let token = rest_limiter::TokenId::of(
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
@@ -592,17 +589,17 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         Ok(permit) => permit,
         Err(refusal) => {
             let why = match &refusal {
-                ratelimit::Refusal::QueueWait { wait, global } => format!(
+                rest_limiter::Refusal::QueueWait { wait, global } => format!(
                     "its wait for the {} ({:.1} s) would pass [proxy] max_queue_wait; answered 429 at once so the client waits and retries",
                     if *global { "global limit" } else { "bucket" },
                     wait.as_secs_f64()
                 ),
-                ratelimit::Refusal::InvalidRequests { count, clears_in } => format!(
+                rest_limiter::Refusal::InvalidRequests { count, clears_in } => format!(
                     "the invalid-request guard is tripped ({count} 401/403/429 in 10 min, [proxy] invalid_request_limit); clears in {:.0} s",
                     clears_in.as_secs_f64()
                 ),
             };
-            metrics::counter!("shardwarden_rest_local_429_total", "reason" => match refusal { ratelimit::Refusal::QueueWait { .. } => "max_queue_wait", ratelimit::Refusal::InvalidRequests { .. } => "invalid_request_limit" }).increment(1);
+            metrics::counter!("shardwarden_rest_local_429_total", "reason" => match refusal { rest_limiter::Refusal::QueueWait { .. } => "max_queue_wait", rest_limiter::Refusal::InvalidRequests { .. } => "invalid_request_limit" }).increment(1);
             tracing::warn!(event = %"rest_failed", class = %"ratelimit", method = %method, route = %route, status = 429, local = true, token = %token.fingerprint, latency_ms = started.elapsed().as_millis() as u64, "refused a REST request locally: {why}");
             return local_429(&refusal);
         }
@@ -645,6 +642,9 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
         // A hung answer would hold the bucket's turn (and the client) with
         // no end: past this it is a transport failure.
         let result = upstream.send(request, UPSTREAM_ANSWER_TIMEOUT).await;
+        if result.is_ok() {
+            limiter.answered(&permit);
+        }
         let response = match result {
             Ok(response) => response,
             Err(e) => {
@@ -671,11 +671,14 @@ async fn forward(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
             }
         };
         let status = response.status().as_u16();
-        let learned = ratelimit::BucketHeaders::from_headers(response.headers());
-        // An error without rate-limit headers (a Cloudflare 5xx, say) says
-        // nothing about the bucket: only a success without them means the
-        // route has none.
-        if status < 400 || learned.bucket.is_some() || learned.remaining.is_some() {
+        let learned = rest_limiter::BucketHeaders::from_headers(response.headers());
+        // An answer from Discord without rate-limit headers means the route
+        // has no bucket, so its requests need not go one at a time; a 5xx
+        // or 429 without them (Cloudflare's, say) says nothing about it.
+        if (status < 500 && status != 429)
+            || learned.bucket.is_some()
+            || learned.remaining.is_some()
+        {
             limiter.learn(&permit, &learned);
         }
         metrics::counter!("shardwarden_rest_requests_total", "route" => template.clone(), "method" => method.to_string(), "status" => status_class(status)).increment(1);

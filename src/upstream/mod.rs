@@ -9,7 +9,9 @@
 //!   and zombie detection) and [`ratelimit`] (the 120/60 s send limit).
 //! - **REST**: [`http`] is the one HTTP client to Discord's API (pooled,
 //!   TLS) and the failure-class table; [`rest`] is the `/gateway/bot` call
-//!   on it. The front door forwards bots' REST calls through the same client.
+//!   on it. The front door forwards bots' REST calls through the same client,
+//!   and [`rest_limiter`] paces every call (buckets, global limit, invalid
+//!   requests) when the front door is on.
 //! - **Supervisor**: [`supervisor`] plans shards from [`rest`]
 //!   (`/gateway/bot`), starts them through the [`identify_queue`] (buckets
 //!   and the session-start budget), restarts crashed actors and wires every
@@ -26,5 +28,6 @@ pub mod incident;
 pub mod intents;
 pub mod ratelimit;
 pub mod rest;
+pub mod rest_limiter;
 pub mod shard;
 pub mod supervisor;

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::http::{ApiClient, Class, body_failure};
+use super::rest_limiter::{Limiter, TokenId, route_key};
 use crate::config::{Token, check_url};
 
 /// `session_start_limit` of `/gateway/bot`.
@@ -188,12 +189,49 @@ pub async fn get_gateway_bot(api: &ApiClient, token: &Token) -> Result<GatewayBo
 pub async fn get_gateway_bot_with_retry(
     api: &ApiClient,
     token: &Token,
+    limiter: Option<&Limiter>,
     max_wait: Duration,
 ) -> Result<GatewayBot, RestError> {
     retry(default_backoff(), max_wait, &TokioClock::start(), || {
-        get_gateway_bot(api, token)
+        get_gateway_bot_paced(api, token, limiter)
     })
     .await
+}
+
+/// One attempt that first takes its turn in the REST `limiter` (the front
+/// door's, when it runs): the daemon's own call counts toward the token's
+/// global limit and waits out what Discord said about its bucket.
+pub async fn get_gateway_bot_paced(
+    api: &ApiClient,
+    token: &Token,
+    limiter: Option<&Limiter>,
+) -> Result<GatewayBot, RestError> {
+    let Some(limiter) = limiter else {
+        return get_gateway_bot(api, token).await;
+    };
+    // A refusal (a wait past max_queue_wait, or the invalid-request guard)
+    // does not stop this one call a start or a re-read depends on.
+    let mut permit = limiter
+        .acquire(
+            &TokenId::of_token(token),
+            &route_key("GET", GATEWAY_BOT),
+            false,
+        )
+        .await
+        .ok();
+    let result = get_gateway_bot(api, token).await;
+    if let Some(permit) = permit.as_mut() {
+        limiter.answered(permit);
+        if let Err(RestError {
+            kind: RestErrorKind::RateLimited { retry_after },
+            ..
+        }) = &result
+        {
+            limiter.rate_limited(permit, *retry_after, false);
+        }
+        limiter.release(permit);
+    }
+    result
 }
 
 /// Time as the retry loop sees it (tests substitute a virtual clock: tokio's

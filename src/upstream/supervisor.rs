@@ -22,6 +22,7 @@ use crate::persist::{Persister, Restored};
 use crate::rest::{self, RestErrorKind};
 use crate::shard::{ResumeState, Shard, ShardConfig, ShardExit, gateway_url_ok};
 use crate::state::StateStore;
+use crate::upstream::rest_limiter::Limiter;
 
 /// `EX_CONFIG`: a configuration or permission fault; systemd is told not to
 /// restart into it (`RestartPreventExitStatus=78`).
@@ -138,7 +139,18 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     };
 
     tracing::info!(token = %token.fingerprint(), api_base = %api_base, "fetching /gateway/bot");
-    let fetch = rest::get_gateway_bot_with_retry(&api, &token, Duration::from_secs(300));
+    // With the front door on, one limiter paces every REST call of the
+    // token, the daemon's own included (they count toward the global limit).
+    let limiter = config
+        .proxy
+        .as_ref()
+        .map(|p| Arc::new(Limiter::from_config(p)));
+    let fetch = rest::get_gateway_bot_with_retry(
+        &api,
+        &token,
+        limiter.as_deref(),
+        Duration::from_secs(300),
+    );
     let fetched = tokio::select! {
         result = fetch => result,
         _ = recv_signal(&mut sigterm) => return stopped_before_start("SIGTERM"),
@@ -381,6 +393,9 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         let door = crate::frontdoor::FrontDoor::bind(
             proxy,
             api.clone(),
+            limiter
+                .clone()
+                .unwrap_or_else(|| Arc::new(Limiter::from_config(proxy))),
             token.clone(),
             plan.bits,
             hub.clone(),
@@ -414,6 +429,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     queue.set_source(
         Arc::new(RestGatewayBot {
             api: api.clone(),
+            limiter: limiter.clone(),
             hub: hub.clone(),
             token: token.clone(),
         }),
@@ -726,6 +742,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
 /// `GET /gateway/bot` for the identify queue's re-reads.
 struct RestGatewayBot {
     api: Arc<crate::upstream::http::ApiClient>,
+    /// Paces the call with the front door's REST traffic, when it runs.
+    limiter: Option<Arc<Limiter>>,
     /// Told each outcome (incident detection).
     hub: Arc<Hub>,
     token: Token,
@@ -736,7 +754,8 @@ impl crate::identify_queue::GatewayBotSource for RestGatewayBot {
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<rest::GatewayBot, String>> + Send + '_>> {
         Box::pin(async move {
-            let result = rest::get_gateway_bot(&self.api, &self.token).await;
+            let result =
+                rest::get_gateway_bot_paced(&self.api, &self.token, self.limiter.as_deref()).await;
             let failed = result
                 .as_ref()
                 .err()

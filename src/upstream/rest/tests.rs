@@ -172,7 +172,7 @@ async fn unauthorized_is_not_retried() {
         ok(GOOD),
     ])
     .await;
-    let err = get_gateway_bot_with_retry(&api(&base), &token(), Duration::from_secs(60))
+    let err = get_gateway_bot_with_retry(&api(&base), &token(), None, Duration::from_secs(60))
         .await
         .unwrap_err();
     assert!(matches!(err.kind, RestErrorKind::Unauthorized));
@@ -515,7 +515,7 @@ fn futures_are_send() {
     let client = api("https://discord.com/api/v10");
     let once = get_gateway_bot(&client, &token);
     assert_send(&once);
-    let retrying = get_gateway_bot_with_retry(&client, &token, Duration::ZERO);
+    let retrying = get_gateway_bot_with_retry(&client, &token, None, Duration::ZERO);
     assert_send(&retrying);
 }
 

@@ -158,6 +158,44 @@ async fn the_global_limit_is_never_passed_in_any_second() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_global_slot_is_held_for_the_answer_time_too() {
+    // Discord counts a request when it arrives, up to its answer: with
+    // answers taking 200 ms, the third request of a 2-per-second limit
+    // goes 1.2 s after the first, not 1 s.
+    let limiter = Arc::new(Limiter::new(2, 100, Duration::from_secs(60)));
+    let started = Instant::now();
+    let mut at = Vec::new();
+    for i in 0..3 {
+        let key = route_key("GET", &format!("/api/v10/channels/{i}"));
+        let mut p = limiter.acquire(&token(), &key, false).await.expect("sent");
+        at.push(started.elapsed());
+        if i < 2 {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                limiter.answered(&p);
+                limiter.release(&mut p);
+            });
+        }
+    }
+    assert_eq!(
+        at,
+        vec![Duration::ZERO, Duration::ZERO, Duration::from_millis(1200)]
+    );
+    // A slow answer adds at most MAX_MARGIN.
+    let mut p = limiter
+        .acquire(&token(), &route_key("GET", "/api/v10/channels/9"), false)
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    limiter.answered(&p);
+    limiter.release(&mut p);
+    let st = limiter.lock();
+    let hold = st.globals.get(&token().key).expect("token").hold();
+    assert_eq!(hold, Duration::from_secs(1) + MAX_MARGIN);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_wait_past_max_queue_wait_is_refused_at_once() {
     let limiter = Limiter::new(1000, 100, Duration::from_secs(2));
     let key = route_key("POST", "/api/v10/channels/1/messages");
@@ -183,18 +221,18 @@ async fn a_wait_past_max_queue_wait_is_refused_at_once() {
         .expect("waits 1 s");
     assert!(p.waited_bucket >= Duration::from_secs(1));
 
-    // The global limit counts too: 1 per second, 3 booked ahead → 3 s.
+    // The global limit counts too: 1 per second, one sent and two ahead → 3 s.
     let limiter = Limiter::new(1, 100, Duration::from_millis(2500));
-    for i in 0..3 {
-        let key = route_key("GET", &format!("/api/v10/guilds/{i}"));
-        // Booked but not yet waited: take the slots without sleeping.
+    // One sent now, two waiting their turn.
+    let first = limiter
+        .acquire(&token(), &route_key("GET", "/api/v10/guilds/0"), false)
+        .await
+        .expect("first");
+    drop(first);
+    {
+        // As two requests in wait_global would count themselves.
         let mut st = limiter.lock();
-        let now = Instant::now();
-        let g = st.globals.entry(token().key).or_default();
-        let at = g.next_slot(now, 1);
-        g.slots.push_back(at);
-        drop(st);
-        let _ = key;
+        st.globals.entry(token().key).or_default().waiting = 2;
     }
     match limiter
         .acquire(&token(), &route_key("GET", "/api/v10/guilds/9"), false)

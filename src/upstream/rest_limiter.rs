@@ -1,5 +1,5 @@
-//! The REST front door's one rate limiter (DESIGN.md §6), shared by every
-//! client of the bot: buckets learned from `X-RateLimit-Bucket` per route
+//! The one REST rate limiter (DESIGN.md §6), shared by every client of the
+//! front door and by the daemon's own `/gateway/bot` calls: buckets learned from `X-RateLimit-Bucket` per route
 //! key, the global limit, the `max_queue_wait` cut-off and the
 //! invalid-request window. No table of routes: everything is learned from
 //! Discord's headers.
@@ -14,7 +14,11 @@
 //!   `Remaining = 0` until `Reset-After`. Different buckets never wait on
 //!   each other.
 //! - The global limit is a schedule of send times per token: never more
-//!   than `global_rate_limit` in any one second.
+//!   than `global_rate_limit` in any one second *as Discord counts them*.
+//!   Discord counts a request when it arrives, somewhere between its send
+//!   and its answer, so a slot is held for one second plus the longest
+//!   recent answer time (capped at [`MAX_MARGIN`]): a request sent when an
+//!   old slot frees arrives a full second after the old one did.
 //! - Everything is per token (a hash of the Authorization value: the value
 //!   is never stored or logged; logs show its last 4 characters).
 
@@ -112,6 +116,11 @@ pub struct TokenId {
 }
 
 impl TokenId {
+    /// The daemon's own token, as its clients present it (`Bot …`).
+    pub fn of_token(token: &crate::config::Token) -> TokenId {
+        TokenId::of(Some(&format!("Bot {}", token.expose())))
+    }
+
     pub fn of(authorization: Option<&str>) -> TokenId {
         match authorization {
             None => TokenId {
@@ -282,6 +291,8 @@ pub struct Permit {
     /// Time spent waiting for the bucket and the global limit.
     pub waited_bucket: Duration,
     pub waited_global: Duration,
+    /// When its latest global slot let it go.
+    sent_at: Option<Instant>,
 }
 
 impl Drop for Permit {
@@ -302,37 +313,102 @@ impl Permit {
     }
 }
 
-/// The global limit of one token: send times, past and booked.
+/// The global limit of one token: recent send times, and the requests
+/// waiting their turn.
 #[derive(Debug, Default)]
 struct Global {
+    /// Send times still held (ascending).
     slots: VecDeque<Instant>,
+    /// Requests wait for the global limit one at a time, in arrival order;
+    /// the one holding the turn re-checks the schedule after each sleep
+    /// (the hold may have grown meanwhile).
+    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Requests waiting for (or holding) the turn.
+    waiting: usize,
     /// An upstream global 429 holds every request until then.
     blocked_until: Option<Instant>,
+    /// Recent send → answer-headers times.
+    answer_times: VecDeque<Duration>,
 }
 
+/// The most added to a global slot's second for the answer time.
+pub const MAX_MARGIN: Duration = Duration::from_millis(500);
+/// Answer times remembered per token.
+const ANSWER_TIMES: usize = 32;
+
 impl Global {
+    /// How long a slot is held: a second, plus the time Discord may take
+    /// to count the request after it was sent.
+    fn hold(&self) -> Duration {
+        let margin = self.answer_times.iter().max().copied().unwrap_or_default();
+        Duration::from_secs(1) + margin.min(MAX_MARGIN)
+    }
+
     fn prune(&mut self, now: Instant) {
-        while self
-            .slots
-            .front()
-            .is_some_and(|t| *t + Duration::from_secs(1) <= now)
-        {
+        let hold = self.hold();
+        while self.slots.front().is_some_and(|t| *t + hold <= now) {
             self.slots.pop_front();
         }
     }
 
-    /// When a request asking now could be sent.
+    fn answered(&mut self, took: Duration) {
+        if self.answer_times.len() == ANSWER_TIMES {
+            self.answer_times.pop_front();
+        }
+        self.answer_times.push_back(took);
+    }
+
+    /// When the request holding the turn may be sent.
     fn next_slot(&mut self, now: Instant, per_second: u32) -> Instant {
         self.prune(now);
         let per_second = per_second.max(1) as usize;
         let mut at = now;
         if self.slots.len() >= per_second {
-            at = at.max(self.slots[self.slots.len() - per_second] + Duration::from_secs(1));
+            at = at.max(self.slots[self.slots.len() - per_second] + self.hold());
         }
         if let Some(blocked) = self.blocked_until {
             at = at.max(blocked);
         }
         at
+    }
+
+    /// How long a request asking now would wait, behind those waiting
+    /// already (a projection: answers may lengthen it).
+    fn projected_wait(&mut self, now: Instant, per_second: u32) -> Duration {
+        self.prune(now);
+        let n = per_second.max(1) as usize;
+        let hold = self.hold();
+        // Play the schedule forward: each waiter ahead, then this one,
+        // goes when the send `n` places before it has left the window.
+        let mut sends: Vec<Instant> = self.slots.iter().copied().collect();
+        let mut at = now;
+        for _ in 0..=self.waiting {
+            at = match sends.len().checked_sub(n) {
+                Some(i) => now.max(sends[i] + hold),
+                None => now,
+            };
+            sends.push(at);
+        }
+        if let Some(blocked) = self.blocked_until {
+            at = at.max(blocked);
+        }
+        at.saturating_duration_since(now)
+    }
+}
+
+/// Counts a request among a token's global waiters while it waits (also
+/// when the wait is abandoned: a client that hung up).
+struct Waiting<'a> {
+    limiter: &'a Limiter,
+    token: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut st = self.limiter.lock();
+        if let Some(g) = st.globals.get_mut(&self.token) {
+            g.waiting = g.waiting.saturating_sub(1);
+        }
     }
 }
 
@@ -366,6 +442,15 @@ struct State {
 }
 
 impl Limiter {
+    /// The limiter `[proxy]` asks for.
+    pub fn from_config(proxy: &crate::config::ProxyConfig) -> Limiter {
+        Limiter::new(
+            proxy.global_rate_limit,
+            proxy.invalid_request_limit,
+            proxy.max_queue_wait,
+        )
+    }
+
     pub fn new(global_per_second: u32, invalid_limit: u32, max_queue_wait: Duration) -> Limiter {
         Limiter {
             global_per_second,
@@ -446,9 +531,7 @@ impl Limiter {
             } else {
                 let per_second = self.global_per_second;
                 let global = st.globals.entry(token.key).or_default();
-                global
-                    .next_slot(now, per_second)
-                    .saturating_duration_since(now)
+                global.projected_wait(now, per_second)
             };
             let wait = bucket_wait.max(global_wait);
             if wait > self.max_queue_wait {
@@ -467,6 +550,7 @@ impl Limiter {
             token: token.key,
             waited_bucket: Duration::ZERO,
             waited_global: Duration::ZERO,
+            sent_at: None,
         };
         let started = Instant::now();
         let unlimited = bucket.lock().unlimited;
@@ -477,21 +561,51 @@ impl Limiter {
         permit.waited_bucket = started.elapsed();
         if !global_exempt {
             permit.waited_global = self.wait_global(token.key).await;
+            permit.sent_at = Some(Instant::now());
         }
         Ok(permit)
     }
 
-    /// Book a global slot and wait for it.
+    /// The answer's headers arrived: how long Discord took feeds the
+    /// global schedule's margin.
+    pub fn answered(&self, permit: &Permit) {
+        let Some(sent) = permit.sent_at else {
+            return;
+        };
+        let took = sent.elapsed();
+        let mut st = self.lock();
+        st.globals.entry(permit.token).or_default().answered(took);
+    }
+
+    /// Wait for the token's global limit (in arrival order), then take a
+    /// slot.
     async fn wait_global(&self, token: u64) -> Duration {
         let started = Instant::now();
-        let at = {
+        let turn = {
             let mut st = self.lock();
             let global = st.globals.entry(token).or_default();
-            let at = global.next_slot(started, self.global_per_second);
-            global.slots.push_back(at);
-            at
+            global.waiting += 1;
+            global.turn.clone()
         };
-        tokio::time::sleep_until(at).await;
+        let _waiting = Waiting {
+            limiter: self,
+            token,
+        };
+        let _turn = turn.lock().await;
+        loop {
+            let at = {
+                let mut st = self.lock();
+                let now = Instant::now();
+                let global = st.globals.entry(token).or_default();
+                let at = global.next_slot(now, self.global_per_second);
+                if at <= now {
+                    global.slots.push_back(now);
+                    break;
+                }
+                at
+            };
+            tokio::time::sleep_until(at).await;
+        }
         started.elapsed()
     }
 
@@ -547,6 +661,7 @@ impl Limiter {
         permit.waited_bucket += permit.bucket.wait_ready().await;
         if !global_exempt {
             permit.waited_global += self.wait_global(permit.token).await;
+            permit.sent_at = Some(Instant::now());
         }
     }
 }
@@ -584,5 +699,5 @@ fn prune_invalid(invalid: &mut VecDeque<Instant>, now: Instant) {
 }
 
 #[cfg(test)]
-#[path = "ratelimit_tests.rs"]
+#[path = "rest_limiter_tests.rs"]
 mod tests;
