@@ -88,10 +88,16 @@ fn main() {
             measured,
         };
         let pid = daemon.pid();
+        // Other work on the machine shows in the tail: say how busy it was.
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         eprintln!(
             "REST: {rate} requests/s, {warmup} warm-up + {measured} measured per path, \
-             {IN_FLIGHT} in flight at most, GET/POST over {} channels",
-            GUILDS * 3
+             {IN_FLIGHT} in flight at most, GET/POST over {} channels; load average {}",
+            GUILDS * 3,
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let direct = run(&sim, &mix(&sim, &sim.api_base()), &schedule, pid).await;
         let proxied = run(&sim, &mix(&sim, &front_door), &schedule, pid).await;
@@ -290,7 +296,7 @@ impl Run {
 }
 
 fn report(direct: &Run, proxied: &Run, failures: usize) {
-    let row = |name: &str, p50: f64, p99: f64, max: f64, r: Option<&Run>| {
+    let row = |name: &str, p50: f64, p99: f64, max: String, r: Option<&Run>| {
         let rest = r.map_or(String::new(), |r| {
             format!(
                 "{:>8.0} {:>5} {:>7} {:>8.1} {:>10.2} {:>10.2}",
@@ -302,7 +308,7 @@ fn report(direct: &Run, proxied: &Run, failures: usize) {
                 r.bench_cpu_us,
             )
         });
-        eprintln!("  {name:<8} {p50:>8.0} {p99:>8.0} {max:>8.0} {rest}");
+        eprintln!("  {name:<8} {p50:>8.0} {p99:>8.0} {max:>8} {rest}");
     };
     eprintln!(
         "  {:<8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>7} {:>8} {:>10} {:>10}",
@@ -321,21 +327,22 @@ fn report(direct: &Run, proxied: &Run, failures: usize) {
         "direct",
         direct.us(50.0),
         direct.us(99.0),
-        direct.max_us(),
+        format!("{:.0}", direct.max_us()),
         Some(direct),
     );
     row(
         "proxied",
         proxied.us(50.0),
         proxied.us(99.0),
-        proxied.max_us(),
+        format!("{:.0}", proxied.max_us()),
         Some(proxied),
     );
     row(
         "added",
         proxied.us(50.0) - direct.us(50.0),
         proxied.us(99.0) - direct.us(99.0),
-        proxied.max_us() - direct.max_us(),
+        // The two worst answers are of different requests: no difference.
+        "-".to_string(),
         None,
     );
     eprintln!(
