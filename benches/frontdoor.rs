@@ -22,7 +22,7 @@ use futures::{SinkExt, StreamExt};
 use shardwarden::simulator::{Fault, Simulator};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::daemon::{Bot, Daemon, TOKEN, contains, simulator};
+use common::daemon::{Bot, Daemon, TOKEN, contains, free_port, simulator};
 use common::{EVENT_SIZE, env_count, proc_cpu_us, result};
 
 fn main() {
@@ -54,13 +54,6 @@ fn main() {
             burst(1000).await;
         }
     });
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn start(sim: &Simulator) -> (Daemon, SocketAddr) {

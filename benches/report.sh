@@ -33,6 +33,7 @@ if [ "${1:-}" != "--table-only" ]; then
     run broker
     run failover
     run frontdoor
+    run rest
     load_after=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "INFO load average before ${load_before}, after ${load_after}; benchmarks took $(($(date +%s) - start)) s" >>"$results"
 fi
@@ -105,6 +106,11 @@ END {
     if (has("frontdoor_4_client_extra_cpu_us")) row("  extra CPU per event per drop-in client (4 clients)", f(R["frontdoor_4_client_extra_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
     if (has("frontdoor_identify_to_last_guild_create_ms")) row("drop-in: IDENTIFY to last of 1000 GUILD_CREATEs", f(R["frontdoor_identify_to_last_guild_create_ms"], 1) " ms", "-", "-", "-", "-")
     if (has("startup_overhead_ms")) row("  beyond the 15 s floor (last bucket round)", f(R["startup_overhead_ms"], 0) " ms", "-", "-", "-", "-")
+    if (has("rest_added_p50_us")) row("REST front door @1k req/s: added latency p50 / p99", f(R["rest_added_p50_us"], 0) " / " f(R["rest_added_p99_us"], 0) " us", "-", "-", "-", "-")
+    if (has("rest_direct_p50_us")) row("  direct to simulator, p50 / p99", f(R["rest_direct_p50_us"], 0) " / " f(R["rest_direct_p99_us"], 0) " us", "-", "-", "-", "-")
+    if (has("rest_proxied_p50_us")) row("  through the front door, p50 / p99", f(R["rest_proxied_p50_us"], 0) " / " f(R["rest_proxied_p99_us"], 0) " us", "-", "-", "-", "-")
+    if (has("rest_daemon_cpu_us")) row("  daemon CPU per proxied request", f(R["rest_daemon_cpu_us"], 1) " us/req", "-", "-", "-", "-")
+    if (has("rest_429_client")) row("  429s (client / simulator), errors " f(R["rest_errors"], 0), f(R["rest_429_client"], 0) " / " f(R["rest_429_upstream"], 0), "-", "-", "0", yes(R["rest_429_client"] + R["rest_429_upstream"] == 0))
     if (has("failover_seconds")) row("failover: kill -9 to all 64 shards live (lease_ttl 3 s), " f(R["failover_resumed_shards"], 0) " resumed, " f(R["failover_identifies"], 0) " identifies", f(R["failover_seconds"], 2) " s", "-", "-", "-", "-")
     if (has("broker_with_jetstream_cpu_us")) row("daemon CPU/event, socket + JetStream (socket only " f(R["broker_socket_only_cpu_us"], 2) ")", f(R["broker_with_jetstream_cpu_us"], 2) " us/ev", "-", "-", "-", "-")
     if (has("broker_jetstream_eps")) row("  events/s stored by JetStream (socket bot " f(R["broker_socket_eps"], 0) ")", f(R["broker_jetstream_eps"], 0) " ev/s", "-", "-", "-", "-")

@@ -29,6 +29,14 @@ pub async fn simulator(shards: u32, tweak: impl FnOnce(&mut SimConfig)) -> Simul
     Simulator::start(cfg).await.expect("simulator starts")
 }
 
+/// A TCP port on loopback free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// The daemon as a child process.
 pub struct Daemon {
     child: Child,
@@ -62,6 +70,25 @@ impl Daemon {
         events: &str,
         extra: &str,
     ) -> Daemon {
+        Self::start_intents(
+            sim,
+            ring,
+            compression,
+            r#"["GUILDS", "GUILD_MESSAGES", "MESSAGE_CONTENT"]"#,
+            events,
+            extra,
+        )
+    }
+
+    /// Any `intents` list too (TOML array of intent names).
+    pub fn start_intents(
+        sim: &Simulator,
+        ring: &str,
+        compression: &str,
+        intents: &str,
+        events: &str,
+        extra: &str,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path();
         let config = format!(
@@ -69,7 +96,7 @@ impl Daemon {
 [discord]
 token_env = "SW_BENCH_TOKEN"
 api_base = "{api}"
-intents = ["GUILDS", "GUILD_MESSAGES", "MESSAGE_CONTENT"]
+intents = {intents}
 events = {events}
 compression = "{compression}"
 

@@ -13,8 +13,13 @@ pub const EVENT_SIZE: usize = 1000;
 /// Print one machine-readable figure (`RESULT key value unit`) for the report
 /// script, and a readable line for people running one bench by hand.
 pub fn result(key: &str, value: f64, unit: &str, what: &str) {
-    println!("RESULT {key} {value:.3} {unit}");
+    result_line(key, value, unit);
     eprintln!("  {what:<58} {value:>12.3} {unit}");
+}
+
+/// Only the machine-readable line, for a bench that prints its own table.
+pub fn result_line(key: &str, value: f64, unit: &str) {
+    println!("RESULT {key} {value:.3} {unit}");
 }
 
 /// A count from the environment (`BENCH_EVENTS=…`), for quicker or longer runs.
