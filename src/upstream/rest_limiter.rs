@@ -185,11 +185,21 @@ pub struct Bucket {
     state: Mutex<BucketState>,
     /// Discord's bucket id, once known (for logs).
     pub id: Mutex<Option<String>>,
+    /// A route's first bucket, once Discord named a bucket another route
+    /// already found: requests still queued here move to that one.
+    merged_into: Mutex<Option<Arc<Bucket>>>,
 }
 
 impl Bucket {
     fn lock(&self) -> std::sync::MutexGuard<'_, BucketState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn merged_into(&self) -> Option<Arc<Bucket>> {
+        self.merged_into
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The wait a request arriving now would have before its turn comes and
@@ -553,11 +563,22 @@ impl Limiter {
             sent_at: None,
         };
         let started = Instant::now();
-        let unlimited = bucket.lock().unlimited;
-        if !unlimited {
-            permit._turn = Some(bucket.turn.clone().lock_owned().await);
+        loop {
+            let unlimited = permit.bucket.lock().unlimited;
+            if !unlimited {
+                permit._turn = Some(permit.bucket.turn.clone().lock_owned().await);
+            }
+            // Queued on a route's first bucket while another route's answer
+            // showed both share one: queue on the shared one instead.
+            let Some(shared) = permit.bucket.merged_into() else {
+                break;
+            };
+            permit._turn = None;
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            permit.bucket.queued.fetch_sub(1, Ordering::SeqCst);
+            permit.bucket = shared;
         }
-        bucket.wait_ready().await;
+        permit.bucket.wait_ready().await;
         permit.waited_bucket = started.elapsed();
         if !global_exempt {
             permit.waited_global = self.wait_global(token.key).await;
@@ -628,10 +649,22 @@ impl Limiter {
             format!("{id} {}", major_of(&permit.route_key)),
         );
         // The route's own bucket becomes the real one, queue and all,
-        // unless another route already found it.
-        st.buckets
+        // unless another route already found it: then what is queued on
+        // the route's bucket moves over to that one.
+        let shared = st
+            .buckets
             .entry(key)
-            .or_insert_with(|| permit.bucket.clone());
+            .or_insert_with(|| permit.bucket.clone())
+            .clone();
+        if !Arc::ptr_eq(&shared, &permit.bucket) {
+            // This answer is the shared bucket's latest word too.
+            shared.learn(headers, now);
+            *permit
+                .bucket
+                .merged_into
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(shared);
+        }
         st.buckets
             .remove(&(permit.token, format!("route:{}", permit.route_key)));
     }

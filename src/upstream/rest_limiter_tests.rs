@@ -127,6 +127,51 @@ async fn one_bucket_keeps_order_and_others_do_not_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_route_found_to_share_a_bucket_moves_its_queue_there() {
+    let limiter = Arc::new(Limiter::new(1000, 100, Duration::from_secs(60)));
+    let edit = route_key("PATCH", "/api/v10/channels/1/messages/10");
+    let delete = route_key("DELETE", "/api/v10/channels/1/messages/11");
+    // The edit route knows bucket x: 2 per second, 1 left.
+    let mut p = limiter.acquire(&token(), &edit, false).await.expect("edit");
+    limiter.learn(&p, &headers("x", 2, 1, 1.0));
+    limiter.release(&mut p);
+    drop(p);
+    // The delete route's first request goes alone; a second queues behind it.
+    let mut first = limiter
+        .acquire(&token(), &delete, false)
+        .await
+        .expect("delete");
+    let queued = {
+        let limiter = limiter.clone();
+        let delete = delete.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let p = limiter
+                .acquire(&token(), &delete, false)
+                .await
+                .expect("queued");
+            (started.elapsed(), p)
+        })
+    };
+    tokio::task::yield_now().await;
+    // Its answer names x, now empty: what waits on the delete route's own
+    // bucket moves to x and waits for x's reset, as does a new edit.
+    limiter.learn(&first, &headers("x", 2, 0, 1.0));
+    limiter.release(&mut first);
+    drop(first);
+    let (waited, mut moved) = queued.await.expect("joined");
+    assert_eq!(waited, Duration::from_secs(1), "waited for x to reset");
+    limiter.release(&mut moved);
+    let started = Instant::now();
+    let edit_after = limiter.acquire(&token(), &edit, false).await.expect("edit");
+    assert!(
+        Arc::ptr_eq(&moved.bucket, &edit_after.bucket),
+        "one bucket for both routes"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_global_limit_is_never_passed_in_any_second() {
     let limiter = Arc::new(Limiter::new(2, 100, Duration::from_secs(60)));
     let started = Instant::now();
