@@ -34,7 +34,10 @@ const UNIT_EXEC_PACKAGED: &str = "ExecStart=/usr/bin/shardwarden ";
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
-    println!("cargo:rustc-env=SHARDWARDEN_COMMIT={}", commit(&manifest_dir));
+    println!(
+        "cargo:rustc-env=SHARDWARDEN_COMMIT={}",
+        commit(&manifest_dir)
+    );
 
     let out_dir = PathBuf::from(env("OUT_DIR"));
     let generated = out_dir.join("generated");
@@ -128,7 +131,11 @@ fn commit(manifest_dir: &Path) -> String {
         .args(inputs)
         .status()
         .is_ok_and(|s| s.success());
-    if clean { short } else { format!("{short}-dirty") }
+    if clean {
+        short
+    } else {
+        format!("{short}-dirty")
+    }
 }
 
 /// A git command's trimmed stdout, or None when git or the repository is absent.
@@ -165,9 +172,8 @@ fn copy_dir(from: &Path, to: &Path) {
         if src.is_dir() {
             copy_dir(&src, &dest);
         } else {
-            std::fs::copy(&src, &dest).unwrap_or_else(|e| {
-                panic!("copying {} to {}: {e}", src.display(), dest.display())
-            });
+            std::fs::copy(&src, &dest)
+                .unwrap_or_else(|e| panic!("copying {} to {}: {e}", src.display(), dest.display()));
         }
     }
 }

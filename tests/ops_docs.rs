@@ -93,7 +93,9 @@ fn package_assets_from_build_rs_exist() {
         .as_array()
         .expect("[package.metadata.deb] assets");
     // The binary's directory is the profile's target directory.
-    let profile_dir = Path::new(env!("CARGO_BIN_EXE_shardwarden")).parent().unwrap();
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_shardwarden"))
+        .parent()
+        .unwrap();
     let mut generated = 0;
     for asset in assets {
         let source = asset[0].as_str().unwrap();
@@ -104,16 +106,23 @@ fn package_assets_from_build_rs_exist() {
         let path = profile_dir.join("generated").join(rel);
         let found = match rel.strip_suffix("*.1") {
             Some(dir) => std::fs::read_dir(profile_dir.join("generated").join(dir))
-                .map(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "1")))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.path().extension().is_some_and(|x| x == "1"))
+                })
                 .unwrap_or(false),
             None => path.is_file(),
         };
         assert!(found, "{source}: build.rs wrote no {}", path.display());
     }
-    assert!(generated >= 5, "man pages, 3 completions and the unit: {generated}");
+    assert!(
+        generated >= 5,
+        "man pages, 3 completions and the unit: {generated}"
+    );
 
     let unit = std::fs::read_to_string(root.join("systemd/shardwarden.service")).unwrap();
-    let packaged = std::fs::read_to_string(profile_dir.join("generated/shardwarden.service")).unwrap();
+    let packaged =
+        std::fs::read_to_string(profile_dir.join("generated/shardwarden.service")).unwrap();
     assert_eq!(
         packaged,
         unit.replace(
@@ -121,5 +130,7 @@ fn package_assets_from_build_rs_exist() {
             "ExecStart=/usr/bin/shardwarden "
         )
     );
-    assert!(packaged.contains("\nExecStart=/usr/bin/shardwarden run --config /etc/shardwarden/shardwarden.toml\n"));
+    assert!(packaged.contains(
+        "\nExecStart=/usr/bin/shardwarden run --config /etc/shardwarden/shardwarden.toml\n"
+    ));
 }

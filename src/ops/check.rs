@@ -270,9 +270,26 @@ mod tests {
             load_credential(dropin, "discord-token", Some(PathBuf::from("/a"))),
             Some(PathBuf::from("/srv/token"))
         );
-        assert_eq!(load_credential("LoadCredential=\n", "discord-token", Some(PathBuf::from("/a"))), None);
-        assert_eq!(load_credential("LoadCredential=discord-token\n", "discord-token", Some(PathBuf::from("/a"))), None);
-        assert_eq!(load_credential("# LoadCredential=discord-token:/a\n", "discord-token", None), None);
+        assert_eq!(
+            load_credential(
+                "LoadCredential=\n",
+                "discord-token",
+                Some(PathBuf::from("/a"))
+            ),
+            None
+        );
+        assert_eq!(
+            load_credential(
+                "LoadCredential=discord-token\n",
+                "discord-token",
+                Some(PathBuf::from("/a"))
+            ),
+            None
+        );
+        assert_eq!(
+            load_credential("# LoadCredential=discord-token:/a\n", "discord-token", None),
+            None
+        );
     }
 
     #[test]
@@ -281,7 +298,11 @@ mod tests {
         let usr = tempfile::tempdir().unwrap();
         let dirs = [etc.path().to_str().unwrap(), usr.path().to_str().unwrap()];
         let token = Path::new("/run/credentials/shardwarden.service/discord-token");
-        assert_eq!(unit_credential_source(token, &dirs), None, "no unit installed");
+        assert_eq!(
+            unit_credential_source(token, &dirs),
+            None,
+            "no unit installed"
+        );
 
         std::fs::write(
             usr.path().join("shardwarden.service"),
@@ -290,7 +311,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             unit_credential_source(token, &dirs),
-            Some(("shardwarden.service".to_string(), PathBuf::from("/etc/shardwarden/discord-token")))
+            Some((
+                "shardwarden.service".to_string(),
+                PathBuf::from("/etc/shardwarden/discord-token")
+            ))
         );
         assert_eq!(
             unit_credential_source(Path::new("/etc/shardwarden/discord-token"), &dirs),
