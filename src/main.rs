@@ -1,58 +1,24 @@
 //! The `shardwarden` command line (DESIGN.md §2): run, check-config, status, demo.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use shardwarden::config::{Config, LogFormat};
 use shardwarden::supervisor::{self, DaemonOptions};
 
-#[derive(Parser)]
-#[command(
-    name = "shardwarden",
-    version,
-    about = "Holds a Discord bot's gateway sessions and hands events to the bot over a Unix socket"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+mod cli;
+use cli::{Cli, Command};
 
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon (systemd runs this).
-    Run {
-        /// Configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Validate a configuration and print the resolved plan; exit 0 (valid) or 1.
-    CheckConfig {
-        /// Configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Print one health table from a running daemon; non-zero exit when any shard is unhealthy.
-    Status {
-        /// The daemon's bot socket.
-        #[arg(long, short, default_value = "/run/shardwarden/bot.sock")]
-        socket: PathBuf,
-        /// Print the raw health message as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run the daemon against the embedded gateway simulator with a sample bot (no token needed).
-    Demo {
-        /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
-        #[arg(long)]
-        seconds: Option<u64>,
-        /// Where the demo puts its socket and state (default: a new
-        /// directory of its own under $TMPDIR, removed at the end).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
-}
+/// `shardwarden --version`: the crate version and the commit it was built
+/// from (build.rs; "unknown" outside a git checkout, "-dirty" when src/ had
+/// uncommitted changes).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SHARDWARDEN_COMMIT"),
+    ")"
+);
 
 /// The WebSocket and TLS crates log frame contents at debug/trace level,
 /// and an IDENTIFY frame carries the token: never let them below info.

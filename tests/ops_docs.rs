@@ -56,3 +56,81 @@ fn close_code_tables_match_the_code() {
         }
     }
 }
+
+/// `shardwarden --version` is one line naming the version and the commit
+/// (build.rs), as .ci/package-test and bug reports expect.
+#[test]
+fn version_names_the_commit() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardwarden"))
+        .arg("--version")
+        .output()
+        .expect("run shardwarden --version");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let prefix = concat!("shardwarden ", env!("CARGO_PKG_VERSION"), " (commit ");
+    let commit = text
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("--version: {text:?}"));
+    let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+    assert!(
+        hash == "unknown" || (hash.len() >= 7 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+        "--version: {text:?}"
+    );
+}
+
+/// Every build.rs output the .deb's assets name (`target/release/generated/…`
+/// in Cargo.toml) exists after a build, and the packaged unit differs from
+/// systemd/shardwarden.service only in ExecStart's directory.
+#[test]
+fn package_assets_from_build_rs_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let assets = manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .expect("[package.metadata.deb] assets");
+    // The binary's directory is the profile's target directory.
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_shardwarden"))
+        .parent()
+        .unwrap();
+    let mut generated = 0;
+    for asset in assets {
+        let source = asset[0].as_str().unwrap();
+        let Some(rel) = source.strip_prefix("target/release/generated/") else {
+            continue;
+        };
+        generated += 1;
+        let path = profile_dir.join("generated").join(rel);
+        let found = match rel.strip_suffix("*.1") {
+            Some(dir) => std::fs::read_dir(profile_dir.join("generated").join(dir))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.path().extension().is_some_and(|x| x == "1"))
+                })
+                .unwrap_or(false),
+            None => path.is_file(),
+        };
+        assert!(found, "{source}: build.rs wrote no {}", path.display());
+    }
+    assert!(
+        generated >= 5,
+        "man pages, 3 completions and the unit: {generated}"
+    );
+
+    let unit = std::fs::read_to_string(root.join("systemd/shardwarden.service")).unwrap();
+    let packaged =
+        std::fs::read_to_string(profile_dir.join("generated/shardwarden.service")).unwrap();
+    assert_eq!(
+        packaged,
+        unit.replace(
+            "ExecStart=/usr/local/bin/shardwarden ",
+            "ExecStart=/usr/bin/shardwarden "
+        )
+    );
+    assert!(packaged.contains(
+        "\nExecStart=/usr/bin/shardwarden run --config /etc/shardwarden/shardwarden.toml\n"
+    ));
+}
