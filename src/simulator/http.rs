@@ -2,8 +2,8 @@
 //! `GET /gateway[/bot]`, `GET /users/@me`, `GET /oauth2/applications/@me` (and
 //! `/applications/@me`), `GET /channels/{id}`, `POST /channels/{id}/messages`,
 //! `PATCH`/`DELETE /channels/{id}/messages/{id}` and
-//! `POST /interactions/{id}/{token}/callback`, under `/api/v10` and `/api/v9`. One request
-//! per connection (`Connection: close`); bodies by `Content-Length` or chunked.
+//! `POST /interactions/{id}/{token}/callback`, under `/api/v10` and `/api/v9`. Served by
+//! hyper (HTTP/1.1 with keep-alive, as Discord's API).
 //!
 //! Rate limits as Discord applies them:
 //! - Each route template belongs to a bucket (its own, or one shared with other templates,
@@ -21,14 +21,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::world;
 use super::{Inner, LimitScope, RestCall, RestFailure, SimConfig, State};
 
-const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body accepted (Discord's own limit for non-file requests is lower).
 const MAX_BODY: usize = 1 << 20;
 /// GUILD_MESSAGES intent: sessions without it get no MESSAGE_CREATE from guilds.
@@ -41,7 +43,14 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
             res = listener.accept() => {
                 if let Ok((stream, _)) = res {
                     let inner = inner.clone();
-                    tokio::spawn(handle(inner, stream));
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle(inner.clone(), req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(READ_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
                 }
             }
             _ = super::wait_shutdown(&mut shutdown) => break,
@@ -106,10 +115,8 @@ const SHARED_429: u16 = 1429;
 /// Stands for a global 429 in injected failures.
 const GLOBAL_429: u16 = 2429;
 
-/// How long reading one request may take.
+/// How long reading one request (head, then body) may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long writing one answer may take.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn error_response(status: u16, retry_after: Option<f64>) -> Response {
     let mut extra_headers = Vec::new();
@@ -156,110 +163,6 @@ impl Request {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-}
-
-enum ReadError {
-    /// Answer with this status, then close.
-    Status(u16),
-    /// The peer went away.
-    Gone,
-}
-
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), ReadError> {
-    let mut chunk = [0u8; 4096];
-    match stream.read(&mut chunk).await {
-        Ok(0) | Err(_) => Err(ReadError::Gone),
-        Ok(n) => {
-            buf.extend_from_slice(&chunk[..n]);
-            Ok(())
-        }
-    }
-}
-
-async fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
-    let mut buf = Vec::with_capacity(2048);
-    let head_end = loop {
-        if let Some(p) = find(&buf, b"\r\n\r\n") {
-            break p;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(ReadError::Status(400));
-        }
-        read_more(stream, &mut buf).await?;
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut parts = lines.next().unwrap_or("").split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("");
-    let path = target
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .trim_end_matches('/')
-        .to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut req = Request {
-        method,
-        path,
-        headers,
-        body: Vec::new(),
-    };
-    let mut rest = buf.split_off(head_end + 4);
-    let chunked = req
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        req.body = read_chunked(stream, rest).await?;
-    } else if let Some(len) = req.header("content-length") {
-        let len: usize = len.parse().map_err(|_| ReadError::Status(400))?;
-        if len > MAX_BODY {
-            return Err(ReadError::Status(413));
-        }
-        while rest.len() < len {
-            read_more(stream, &mut rest).await?;
-        }
-        rest.truncate(len);
-        req.body = rest;
-    }
-    Ok(req)
-}
-
-async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> Result<Vec<u8>, ReadError> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = loop {
-            if let Some(p) = find(&buf, b"\r\n") {
-                break p;
-            }
-            if buf.len() > MAX_HEAD {
-                return Err(ReadError::Status(400));
-            }
-            read_more(stream, &mut buf).await?;
-        };
-        let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| ReadError::Status(400))?;
-        if body.len() + size > MAX_BODY {
-            return Err(ReadError::Status(413));
-        }
-        buf.drain(..line_end + 2);
-        if size == 0 {
-            return Ok(body); // trailers, if any, are ignored
-        }
-        while buf.len() < size + 2 {
-            read_more(stream, &mut buf).await?;
-        }
-        body.extend_from_slice(&buf[..size]);
-        buf.drain(..size + 2);
-    }
-}
-
-fn find(buf: &[u8], needle: &[u8]) -> Option<usize> {
-    buf.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A REST route: which one, and its major parameter.
@@ -742,14 +645,39 @@ fn answer_route(
     (r, bucket)
 }
 
-async fn handle(inner: Arc<Inner>, mut stream: TcpStream) {
-    let req = match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(ReadError::Status(s))) => {
-            let _ = write_response(&mut stream, &error_response(s, None)).await;
-            return;
-        }
-        Ok(Err(ReadError::Gone)) | Err(_) => return,
+/// The injected hang-up: the connection is closed without an answer.
+fn hang_up() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "injected hang-up")
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::io::Error> {
+    let (parts, body) = req.into_parts();
+    let body =
+        match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Ok(to_hyper(&error_response(413, None)));
+            }
+            // The client went away or stalled.
+            _ => return Err(hang_up()),
+        };
+    let req = Request {
+        method: parts.method.to_string(),
+        path: parts.uri.path().trim_end_matches('/').to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
     };
     let path = req.path.clone();
     let api_path = path
@@ -763,7 +691,7 @@ async fn handle(inner: Arc<Inner>, mut stream: TcpStream) {
             Some(Injected::Hangup) => {
                 drop(st);
                 inner.notify_changed();
-                return; // hang up without a response
+                return Err(hang_up());
             }
             Some(Injected::Status(code, ra)) => Some((code, ra)),
             None => None,
@@ -795,7 +723,7 @@ async fn handle(inner: Arc<Inner>, mut stream: TcpStream) {
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, write_response(&mut stream, &resp)).await;
+    Ok(to_hyper(&resp))
 }
 
 /// The scope a 429 answer says.
@@ -812,26 +740,24 @@ fn scope_of(r: &Response) -> LimitScope {
     }
 }
 
-async fn write_response(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
-    let mut out = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
+fn to_hyper(r: &Response) -> hyper::Response<Full<Bytes>> {
+    let mut builder = hyper::Response::builder().status(r.status);
     // A 204 has neither a body nor its headers (RFC 9110 §8.6).
     if r.status != 204 {
-        out.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            r.body.len()
-        ));
+        builder = builder.header("Content-Type", "application/json");
     }
-    out.push_str("Connection: close\r\n");
     for (k, v) in &r.extra_headers {
-        out.push_str(k);
-        out.push_str(": ");
-        out.push_str(v);
-        out.push_str("\r\n");
+        builder = builder.header(k.as_str(), v.as_str());
     }
-    out.push_str("\r\n");
-    out.push_str(&r.body);
-    stream.write_all(out.as_bytes()).await?;
-    stream.flush().await?;
-    let _ = stream.shutdown().await;
-    Ok(())
+    builder
+        .body(Full::new(Bytes::from(r.body.clone())))
+        .unwrap_or_else(|_| {
+            let mut fallback = hyper::Response::new(Full::new(Bytes::new()));
+            *fallback.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            fallback
+        })
+}
+
+fn find(buf: &[u8], needle: &[u8]) -> Option<usize> {
+    buf.windows(needle.len()).position(|w| w == needle)
 }

@@ -26,13 +26,6 @@ async fn call(
     .await
 }
 
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-}
-
 fn message_id(m: &Value) -> u64 {
     m["id"].as_str().unwrap().parse().unwrap()
 }

@@ -19,13 +19,6 @@ async fn post_message(sim: &Simulator, channel: u64, body: Value) -> (u16, Strin
     (st, head, serde_json::from_str(&body).unwrap())
 }
 
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-}
-
 #[tokio::test]
 async fn login_routes_answer_the_bot_user_and_application() {
     let sim = Simulator::start(cfg()).await.unwrap();
