@@ -162,6 +162,9 @@ pub struct ShardStats {
     pub zombies: AtomicU32,
     /// Heartbeats that went unacknowledged.
     pub heartbeat_misses: AtomicU32,
+    /// Connections lost or refused (`closed`, `zombie`, `invalidated`,
+    /// `fatal` reports) since start: zero while a shard is merely starting.
+    pub setbacks: AtomicU32,
     /// Last close code received (0 = none).
     pub last_close: AtomicU32,
     /// Dispatches received / forwarded, and bytes received (inflated).
@@ -237,6 +240,7 @@ impl ShardStats {
             bytes: AtomicU64::new(0),
             session_gen: AtomicU32::new(0),
             resume_cap: AtomicU64::new(u64::MAX),
+            setbacks: AtomicU32::new(0),
             session: Mutex::new(SessionInfo::default()),
             session_ids: Mutex::new(std::collections::VecDeque::new()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),
@@ -587,6 +591,9 @@ impl Hub {
         line.push(b'\n');
         let line = Bytes::from(line);
         if let Some(stats) = self.shard(report.shard) {
+            if matches!(report.event, "closed" | "zombie" | "invalidated" | "fatal") {
+                stats.setbacks.fetch_add(1, Ordering::Relaxed);
+            }
             *stats.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(line.clone());
         }
         // No receivers is fine: nobody listens for diagnostics right now.

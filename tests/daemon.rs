@@ -318,6 +318,41 @@ async fn identify_budget_at_the_reserve_reports_fatal_instead_of_identifying() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_queued_at_start_up_are_starting_not_unhealthy() {
+    // One bucket: IDENTIFYs 5 s apart, so shard 1 waits its turn through
+    // a few 1 s summaries. Nothing has failed: no WARN for it.
+    let (sim, daemon, _tmp) = start(
+        SimConfig {
+            shards: 2,
+            max_concurrency: 1,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    wait_sim(&sim, "shard 0 identified", |s| !s.sessions().is_empty()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log().contains("event=shards_starting") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_sim(&sim, "both shards identified", |s| s.sessions().len() == 2).await;
+    let log = daemon.log();
+    let starting = log
+        .lines()
+        .find(|l| l.contains("event=shards_starting"))
+        .expect("line");
+    assert!(
+        starting.contains("INFO") && starting.contains("shards=[1]"),
+        "{starting}"
+    );
+    assert!(
+        !log.contains("shard_unhealthy"),
+        "a queued shard is not unhealthy:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_in_different_buckets_share_the_last_start_above_the_reserve() {
     // One start above identify_reserve = 25, two shards in two buckets:
     // exactly one may identify.

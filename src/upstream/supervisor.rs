@@ -922,7 +922,25 @@ fn log_summary(hub: &Hub) {
             );
         }
     }
+    // Shards on their way to their first session (queued for their
+    // IDENTIFY turn, connecting, identifying) with nothing gone wrong yet
+    // are normal at start-up, not a warning.
+    let mut starting = Vec::new();
     for s in hub.owned().filter(|s| s.state() != ShardState::Active) {
+        let first_start = matches!(
+            s.state(),
+            ShardState::Idle
+                | ShardState::Queued
+                | ShardState::Connecting
+                | ShardState::AwaitingHello
+                | ShardState::Identifying
+                | ShardState::Resuming
+        ) && s.setbacks.load(Ordering::Relaxed) == 0
+            && s.heartbeat_misses.load(Ordering::Relaxed) == 0;
+        if first_start {
+            starting.push(s.shard);
+            continue;
+        }
         let (p50, p99) = s.latency_percentiles().unzip();
         tracing::warn!(
             event = %"shard_unhealthy",
@@ -940,6 +958,15 @@ fn log_summary(hub: &Hub) {
             "shard {} is {}",
             s.shard,
             s.state().as_str()
+        );
+    }
+    if !starting.is_empty() {
+        tracing::info!(
+            event = %"shards_starting",
+            count = starting.len(),
+            shards = ?starting,
+            "{} shards still starting (waiting for their IDENTIFY turn, connecting or identifying; nothing has failed)",
+            starting.len()
         );
     }
 }
