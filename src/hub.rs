@@ -162,6 +162,13 @@ pub struct ShardStats {
     pub zombies: AtomicU32,
     /// Heartbeats that went unacknowledged.
     pub heartbeat_misses: AtomicU32,
+    /// Seq of the last state-changing dispatch the front door's cache
+    /// applied (saved with the cache snapshot).
+    pub cache_seq: AtomicU64,
+    /// Dispatches at or below this seq are already in a cache restored from
+    /// a snapshot: a resume's replay of them is not applied twice (until the
+    /// next READY, which starts a new sequence).
+    pub cache_skip: AtomicU64,
     /// Connections lost or refused (`closed`, `zombie`, `invalidated`,
     /// `fatal` reports) since start: zero while a shard is merely starting.
     pub setbacks: AtomicU32,
@@ -215,6 +222,13 @@ pub struct SessionInfo {
 }
 
 impl ShardStats {
+    /// Whether the dispatch `seq` goes into the front door's cache (not a
+    /// replay of what a restored cache holds); remembers it as applied.
+    pub fn cache_takes(&self, seq: u64) -> bool {
+        self.cache_seq.store(seq, Ordering::Relaxed);
+        seq > self.cache_skip.load(Ordering::Relaxed)
+    }
+
     /// Fresh statistics for `shard`.
     pub fn new(shard: u32) -> Self {
         Self::with_events(shard, 0)
@@ -241,6 +255,8 @@ impl ShardStats {
             session_gen: AtomicU32::new(0),
             resume_cap: AtomicU64::new(u64::MAX),
             setbacks: AtomicU32::new(0),
+            cache_seq: AtomicU64::new(0),
+            cache_skip: AtomicU64::new(0),
             session: Mutex::new(SessionInfo::default()),
             session_ids: Mutex::new(std::collections::VecDeque::new()),
             latencies: Mutex::new(Vec::with_capacity(LATENCY_WINDOW)),

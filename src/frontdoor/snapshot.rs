@@ -7,8 +7,9 @@
 //! GUILD_DELETE for guilds READY listed that have left); the next start loads
 //! it, resumes the shards whose session it was taken from, and deletes it,
 //! so a crash later never restores a stale cache (a crash identifies, as
-//! before). Replayed events after the resume point are applied again, which
-//! the cache's upserts tolerate.
+//! before). The resume replays events after the bots' acked point; those
+//! the saved cache already holds (up to its seq per shard) are not applied
+//! again.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Write};
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+use std::sync::atomic::Ordering;
 
 use crate::hub::Hub;
 
@@ -29,6 +32,11 @@ struct Header {
     version: u32,
     /// The upstream session each shard's cache was taken from.
     sessions: BTreeMap<u32, String>,
+    /// The seq of the last dispatch each shard's cache holds: a resume
+    /// replays from an earlier acked point, and those replays are not
+    /// applied twice (a member removed twice would count down twice).
+    #[serde(default)]
+    seqs: BTreeMap<u32, u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +77,8 @@ fn snowflake<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 pub struct Snapshot {
     /// Upstream session id per shard.
     pub sessions: BTreeMap<u32, String>,
+    /// Seq of the last dispatch in each shard's cache.
+    seqs: BTreeMap<u32, u64>,
     lines: Vec<String>,
 }
 
@@ -85,6 +95,13 @@ pub fn save(hub: &Hub, sessions: &BTreeMap<u32, String>, file: &Path) -> std::io
         let header = Header {
             version: 1,
             sessions: sessions.clone(),
+            seqs: sessions
+                .keys()
+                .filter_map(|&shard| {
+                    let stats = hub.shard(shard)?;
+                    Some((shard, stats.cache_seq.load(Ordering::Relaxed)))
+                })
+                .collect(),
         };
         serde_json::to_writer(&mut z, &header)?;
         z.write_all(b"\n")?;
@@ -157,6 +174,7 @@ pub fn take(file: &Path) -> Result<Option<Snapshot>, String> {
     let lines = lines.collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
     Ok(Some(Snapshot {
         sessions: header.sessions,
+        seqs: header.seqs,
         lines,
     }))
 }
@@ -167,6 +185,13 @@ impl Snapshot {
         let Some(front) = hub.frontdoor.get() else {
             return 0;
         };
+        for (shard, seq) in &self.seqs {
+            if resumed.contains(shard)
+                && let Some(stats) = hub.shard(*shard)
+            {
+                stats.cache_skip.store(*seq, Ordering::Relaxed);
+            }
+        }
         let mut applied = 0;
         for text in &self.lines {
             let Ok(line) = serde_json::from_str::<Line>(text) else {
@@ -264,6 +289,9 @@ mod tests {
             r#"{"id":"201","name":"b","channels":[],"roles":[]}"#,
         );
 
+        // The caches hold shard 0's dispatches up to seq 7, shard 1's up to 3.
+        assert!(before.shard(0).unwrap().cache_takes(7));
+        assert!(before.shard(1).unwrap().cache_takes(3));
         let dir = tempfile::tempdir().expect("tempdir");
         let file = path(dir.path());
         let sessions = BTreeMap::from([(0, "s0".to_string()), (1, "s1".to_string())]);
@@ -290,6 +318,15 @@ mod tests {
         assert_eq!(
             after.shard(0).unwrap().ready(),
             before.shard(0).unwrap().ready()
+        );
+        // The resume replays from the bots' acked point: what the restored
+        // cache holds is not applied again, what follows is.
+        let stats = after.shard(0).unwrap();
+        assert!(!stats.cache_takes(5) && !stats.cache_takes(7));
+        assert!(stats.cache_takes(8));
+        assert!(
+            after.shard(1).unwrap().cache_takes(1),
+            "shard 1 was not resumed: nothing skipped"
         );
     }
 

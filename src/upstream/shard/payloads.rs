@@ -197,6 +197,7 @@ impl Shard {
                 // holds every event up to H (never one too few).
                 if let Some(front) = self.hub.frontdoor.get()
                     && crate::frontdoor::StateCache::tracks(t)
+                    && self.stats.cache_takes(self.seq)
                 {
                     front.cache.apply(self.id(), t, envelope.raw_d().as_bytes());
                 }
@@ -364,6 +365,8 @@ impl Shard {
                     .resume_gateway_url
                     .unwrap_or_else(|| self.config.gateway_url.clone());
                 self.session = Some((ready.session_id.clone(), resume_url.clone()));
+                // A new sequence: nothing of it is in a restored cache.
+                self.stats.cache_skip.store(0, Ordering::Relaxed);
                 let generation = self.stats.session_gen.fetch_add(1, Ordering::Relaxed) + 1;
                 self.stats
                     .remember_session_id(generation, &ready.session_id);
