@@ -80,6 +80,47 @@ async fn leases(daemon: &Daemon) -> BTreeSet<u64> {
         .collect()
 }
 
+/// Wait until Redis holds, for each of `shards`, the session the simulator
+/// has attached for that shard.
+async fn sessions_in_redis(sim: &Simulator, url: &str, shards: u32) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let live: BTreeMap<u32, String> = sim
+            .sessions()
+            .iter()
+            .filter(|s| !s.invalid && s.attached.is_some())
+            .map(|s| (s.shard[0], s.session_id.clone()))
+            .collect();
+        let mut saved = 0;
+        for shard in 0..shards {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(format!("shardwarden:session:{shard}"))
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            let id = value
+                .and_then(|v| serde_json::from_str::<Value>(&v).ok())
+                .and_then(|v| v["session_id"].as_str().map(str::to_string));
+            if id.is_some() && id.as_ref() == live.get(&shard) {
+                saved += 1;
+            }
+        }
+        if saved == shards {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {saved} of {shards} sessions in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Shards with a session attached to a live connection.
 fn attached(sim: &Simulator) -> usize {
     sim.sessions()
@@ -242,6 +283,7 @@ async fn a_killed_daemons_shards_are_resumed_by_the_others_and_jetstream_gets_ev
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    sessions_in_redis(&sim, &redis.url(), 6).await;
     let mut victim = None;
     for (i, (d, _)) in daemons.iter().enumerate() {
         let held = leases(d).await;
@@ -621,8 +663,9 @@ async fn a_failover_of_many_shards_resumes_them_all_within_the_lease_ttl_and_a_f
     );
     let held = leases(&daemons[0].0).await;
     assert!(!held.is_empty(), "both daemons hold shards");
-    // Sessions go to Redis as they start; give the last READYs a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sessions go to Redis as they start: wait until Redis holds each
+    // shard's live session (a fixed pause lost the race on a loaded machine).
+    sessions_in_redis(&sim, &redis.url(), 32).await;
     let conns_before = sim.connections().len();
     let killed_at = tokio::time::Instant::now();
     daemons[0].0.child.kill().expect("kill -9");
