@@ -129,6 +129,7 @@ heartbeat_interval = "1s"
         api_base: Some(api_base.to_string()),
         shutdown: Some(shutdown_rx),
         backoff_min: Some(Duration::from_millis(50)),
+        snapshot_every: Some(Duration::from_millis(200)),
         ..DaemonOptions::default()
     };
     let task = tokio::spawn(supervisor::run(config, options));
@@ -1379,29 +1380,32 @@ async fn hello_when_up(addr: SocketAddr) -> Gw {
 
 /// READY lists both guilds and a GUILD_CREATE follows for each, with its
 /// channels.
-async fn full_ready(gw: &mut Gw) {
+/// IDENTIFY as a client; READY and every GUILD_CREATE `d` it is followed by.
+async fn full_ready(gw: &mut Gw) -> Vec<Value> {
     let (ready, _) = gw.identify_waiting(0, 1).await;
     assert_eq!(ready["t"], "READY");
     let guilds = ready["d"]["guilds"].as_array().map_or(0, Vec::len);
     assert_eq!(guilds, 2, "READY lists the shard's guilds: {ready}");
-    let mut creates = 0;
-    while creates < guilds {
+    let mut creates = Vec::new();
+    while creates.len() < guilds {
         let v = gw.recv().await;
         if v["t"] == "GUILD_CREATE" {
-            creates += 1;
             assert!(
                 v["d"]["channels"].as_array().is_some_and(|c| !c.is_empty()),
                 "{v}"
             );
+            creates.push(v["d"].clone());
         }
     }
+    creates
 }
 
 /// With [proxy] on, a clean restart resumes (the cache is saved at the stop
 /// and restored at the start) and clients get a full READY and GUILD_CREATEs
-/// again; after a crash (no cache saved) the shards identify to refill it.
+/// again; so does a crash (the cache is also saved every few seconds while
+/// it changes), with what changed before the crash.
 #[tokio::test]
-async fn a_clean_restart_resumes_with_the_cache_and_a_crash_identifies_to_refill_it() {
+async fn a_clean_restart_and_a_crash_both_resume_with_the_cache() {
     let sim = simulator(1).await;
     let d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
     let mut gw = Gw::hello(d.addr, "v=10&encoding=json").await;
@@ -1415,8 +1419,11 @@ async fn a_clean_restart_resumes_with_the_cache_and_a_crash_identifies_to_refill
     );
     let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
     assert!(
-        sim.wait_until(|s| s.frames().iter().any(|f| f.op == 6), WAIT)
-            .await,
+        sim.wait_until(
+            |s| s.frames().iter().filter(|f| f.op == 6).count() == 1,
+            WAIT
+        )
+        .await,
         "the restarted daemon resumed"
     );
     let mut gw = hello_when_up(d.addr).await;
@@ -1428,7 +1435,16 @@ async fn a_clean_restart_resumes_with_the_cache_and_a_crash_identifies_to_refill
     );
     drop(gw);
 
-    // A crash: the task is dropped, nothing is saved at the end.
+    // The cache changes (a new channel), then a crash: the task is
+    // dropped and nothing is saved at the end, but the periodic save
+    // (every 200 ms here) has the change.
+    let guild = sim.shard_guilds(0)[0];
+    sim.dispatch(
+        0,
+        "CHANNEL_CREATE",
+        json!({"id": "990001", "type": 0, "guild_id": guild.to_string(), "name": "after-restart", "position": 9, "permission_overwrites": []}),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let mut d = d;
     d.task.take().expect("running").abort();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1436,11 +1452,50 @@ async fn a_clean_restart_resumes_with_the_cache_and_a_crash_identifies_to_refill
     drop(d);
     let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
     assert!(
-        sim.wait_until(|s| upstream_identifies(s) == 2, WAIT).await,
-        "without a saved cache the shard identifies to refill it"
+        sim.wait_until(
+            |s| s.frames().iter().filter(|f| f.op == 6).count() == 2,
+            WAIT
+        )
+        .await,
+        "after the crash the shard resumed too"
+    );
+    let mut gw = hello_when_up(d.addr).await;
+    let guilds = full_ready(&mut gw).await;
+    assert_eq!(upstream_identifies(&sim), 1, "a crash costs no IDENTIFY");
+    let text = serde_json::to_string(&guilds).expect("json");
+    assert!(
+        text.contains("after-restart"),
+        "the rebuilt GUILD_CREATE has the channel created before the crash"
+    );
+}
+
+/// A daemon that never stopped cleanly: its periodic save alone lets the
+/// next start resume after a crash.
+#[tokio::test]
+async fn a_crash_before_any_clean_stop_resumes_from_the_periodic_save() {
+    let sim = simulator(1).await;
+    let mut d = daemon(&sim, &sim.api_base(), "", "16MiB").await;
+    let cache = std::path::Path::new("state/frontdoor-cache.ndjson.zst");
+    let file = d.dir.as_ref().expect("dir").path().join(cache);
+    let started = std::time::Instant::now();
+    while !file.exists() {
+        assert!(started.elapsed() < WAIT, "the cache is saved while running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let port = d.addr.port();
+    d.task.take().expect("running").abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = d.dir.take().expect("dir");
+    drop(d);
+    let d = daemon_in(dir, port, &sim, &sim.api_base(), "", "16MiB");
+    assert!(
+        sim.wait_until(|s| s.frames().iter().any(|f| f.op == 6), WAIT)
+            .await,
+        "the shard resumed after the crash"
     );
     let mut gw = hello_when_up(d.addr).await;
     full_ready(&mut gw).await;
+    assert_eq!(upstream_identifies(&sim), 1, "a crash costs no IDENTIFY");
 }
 
 #[test]

@@ -1,13 +1,15 @@
-//! The state cache across a clean restart. A resumed upstream session
-//! replays neither READY nor GUILD_CREATE, so without this the front door
-//! would have nothing to rebuild them from, and every daemon restart with
-//! `[proxy]` on would cost one IDENTIFY per shard. At a clean shutdown the
-//! cache is written to `[state] dir/frontdoor-cache.ndjson.zst` as the events
-//! that rebuild it (each shard's READY, then one GUILD_CREATE per guild, and
-//! GUILD_DELETE for guilds READY listed that have left); the next start loads
-//! it, resumes the shards whose session it was taken from, and deletes it,
-//! so a crash later never restores a stale cache (a crash identifies, as
-//! before). The resume replays events after the bots' acked point; those
+//! The state cache across a restart. A resumed upstream session replays
+//! neither READY nor GUILD_CREATE, so without this the front door would have
+//! nothing to rebuild them from, and every daemon restart with `[proxy]` on
+//! would cost one IDENTIFY per shard. The cache is written to
+//! `[state] dir/frontdoor-cache.ndjson.zst` as the events that rebuild it
+//! (each shard's READY, then one GUILD_CREATE per guild, and GUILD_DELETE for
+//! guilds READY listed that have left), with each shard's session and the
+//! seq of the last dispatch it holds: every few seconds while it changes, and
+//! at a clean shutdown. The next start restores it for the shards whose saved
+//! session it was taken from and resumes them from the older of the two seqs
+//! (after a crash the snapshot may be a few seconds behind: Discord replays
+//! from there, and bots get those events again, as at-least-once allows). The resume replays events after the bots' acked point; those
 //! the saved cache already holds (up to its seq per shard) are not applied
 //! again.
 
@@ -88,6 +90,16 @@ pub fn save(hub: &Hub, sessions: &BTreeMap<u32, String>, file: &Path) -> std::io
     let Some(front) = hub.frontdoor.get() else {
         return Ok(());
     };
+    // One writer at a time (the periodic one and the one at shutdown share
+    // the temporary file).
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    // Only shards whose READY is known can be rebuilt.
+    let sessions: BTreeMap<u32, String> = sessions
+        .iter()
+        .filter(|(shard, _)| hub.shard(**shard).is_some_and(|s| s.ready().is_some()))
+        .map(|(shard, id)| (*shard, id.clone()))
+        .collect();
     let tmp = file.with_extension("zst.tmp");
     let written = (|| {
         let out = std::fs::File::create(&tmp)?;
@@ -151,15 +163,22 @@ pub fn save(hub: &Hub, sessions: &BTreeMap<u32, String>, file: &Path) -> std::io
     written
 }
 
-/// Read a snapshot and delete the file (it is good for one start only).
-/// `Ok(None)` when there is none.
-pub fn take(file: &Path) -> Result<Option<Snapshot>, String> {
+/// Read a snapshot. `Ok(None)` when there is none; an unreadable one is
+/// removed.
+pub fn load(file: &Path) -> Result<Option<Snapshot>, String> {
     let f = match std::fs::File::open(file) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
     };
-    let _ = std::fs::remove_file(file);
+    let result = read(f, file);
+    if result.is_err() {
+        let _ = std::fs::remove_file(file);
+    }
+    result
+}
+
+fn read(f: std::fs::File, file: &Path) -> Result<Option<Snapshot>, String> {
     let bad = |e: &dyn std::fmt::Display| format!("{} is unreadable ({e})", file.display());
     let reader = std::io::BufReader::new(zstd::stream::read::Decoder::new(f).map_err(|e| bad(&e))?);
     let mut lines = reader.lines();
@@ -180,6 +199,11 @@ pub fn take(file: &Path) -> Result<Option<Snapshot>, String> {
 }
 
 impl Snapshot {
+    /// The seq of the last dispatch the snapshot holds for `shard`.
+    pub fn seq(&self, shard: u32) -> Option<u64> {
+        self.seqs.get(&shard).copied()
+    }
+
     /// Rebuild the cache (and each shard's READY) of the shards in `resumed`.
     pub fn restore(&self, hub: &Hub, resumed: &HashSet<u32>) -> usize {
         let Some(front) = hub.frontdoor.get() else {
@@ -189,7 +213,10 @@ impl Snapshot {
             if resumed.contains(shard)
                 && let Some(stats) = hub.shard(*shard)
             {
+                // The cache holds up to `seq`: replays at or below it are
+                // not applied again, and the next save says so too.
                 stats.cache_skip.store(*seq, Ordering::Relaxed);
+                stats.cache_seq.store(*seq, Ordering::Relaxed);
             }
         }
         let mut applied = 0;
@@ -298,8 +325,7 @@ mod tests {
         save(&before, &sessions, &file).expect("saved");
 
         let after = hub();
-        let snapshot = take(&file).expect("readable").expect("present");
-        assert!(!file.exists(), "good for one start only");
+        let snapshot = load(&file).expect("readable").expect("present");
         assert_eq!(snapshot.sessions, sessions);
         snapshot.restore(&after, &HashSet::from([0]));
         let (b, a) = (
@@ -335,8 +361,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = path(dir.path());
         std::fs::write(&file, b"not zstd").expect("write");
-        assert!(take(&file).is_err());
+        assert!(load(&file).is_err());
         assert!(!file.exists());
-        assert!(matches!(take(&file), Ok(None)));
+        assert!(matches!(load(&file), Ok(None)));
     }
 }

@@ -111,7 +111,7 @@ impl Restored {
                 tracing::warn!(
                     event = %"state_ignored",
                     sessions = uncached,
-                    "[proxy] is on and the front door's cache of these sessions was not saved (the last stop was not clean): identifying them, since the drop-in state cache is filled only by READY and GUILD_CREATE"
+                    "[proxy] is on and the front door's cache of these sessions was not saved (no snapshot of them in [state] dir): identifying them, since the drop-in state cache is filled only by READY and GUILD_CREATE"
                 );
             }
         }

@@ -72,7 +72,14 @@ pub struct DaemonOptions {
     pub config_path: Option<std::path::PathBuf>,
     /// Applies a new log level (from the logging set-up in `main`).
     pub reload_log_level: Option<Box<SetLogLevel>>,
+    /// How often the front door's cache is saved while it changes
+    /// (default [`SNAPSHOT_EVERY`]; tests shorten it).
+    pub snapshot_every: Option<Duration>,
 }
+
+/// How often, with `[proxy]` on, the front door's cache is saved while it
+/// changes: after a crash the shards resume from at most this far back.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 
 /// Run the daemon until shutdown. `Ok` after a clean shutdown.
 pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonError> {
@@ -201,8 +208,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         "gateway plan"
     );
 
-    // With [proxy] on, the front door's cache from a clean stop (read once,
-    // then deleted).
+    // With [proxy] on, the front door's cache as last saved (every few
+    // seconds while it changes, and at a clean stop).
     let snapshot_file = crate::frontdoor::snapshot::path(&config.state.dir);
     let snapshot = match &config.proxy {
         None => {
@@ -218,7 +225,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         Some(_) => {
             let file = snapshot_file.clone();
             match crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
-                crate::frontdoor::snapshot::take(&file)
+                crate::frontdoor::snapshot::load(&file)
             })
             .await
             {
@@ -386,6 +393,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     let server_task = tokio::spawn(server.run(shutdown_rx.clone()));
     // The drop-in front door (DESIGN.md §5) starts before the shards so its
     // state cache sees every READY and GUILD_CREATE.
+    let mut snapshot_task = None;
     if let Some(proxy) = &config.proxy {
         if !config.discord.events.iter().any(|e| e == "*") {
             tracing::warn!(event = %"config_warning", "[proxy] is on but [discord] events lists {} event(s): drop-in clients get only those live (READY and GUILD_CREATE are rebuilt regardless); use events = [\"*\"] so libraries see everything their intents cover", plan.events.len());
@@ -405,14 +413,38 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
         .map_err(DaemonError::config)?;
         tokio::spawn(door.run());
         if let Some(snapshot) = &snapshot {
+            // After a crash the cache may be a few seconds older than the
+            // saved session: resume from the cache's seq so Discord replays
+            // what it lacks (bots get those events again: at-least-once).
+            for (shard, resume) in resumes.iter_mut() {
+                if let Some(seq) = snapshot.seq(*shard)
+                    && seq < resume.seq
+                {
+                    tracing::info!(
+                        shard = *shard,
+                        saved_seq = resume.seq,
+                        cache_seq = seq,
+                        "resuming from the front door cache's seq {seq} instead of {}: Discord replays the {} events in between, and bots get them again",
+                        resume.seq,
+                        resume.seq - seq
+                    );
+                    resume.seq = seq;
+                }
+            }
             let resumed: std::collections::HashSet<u32> = resumes.keys().copied().collect();
             let applied = snapshot.restore(&hub, &resumed);
             tracing::info!(
                 shards = resumed.len(),
                 events = applied,
-                "front door cache restored from the last clean stop; those shards resume"
+                "front door cache restored; those shards resume"
             );
         }
+        snapshot_task = Some(tokio::spawn(snapshot_loop(
+            hub.clone(),
+            snapshot_file.clone(),
+            options.snapshot_every.unwrap_or(SNAPSHOT_EVERY),
+            shutdown_rx.clone(),
+        )));
     }
     let mut broker = match config.broker.clone() {
         Some(cfg) => {
@@ -683,6 +715,10 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     {
         keeper.finish(&sessions).await;
     }
+    if let Some(task) = snapshot_task {
+        // Its last periodic write must not land after the final one.
+        let _ = task.await;
+    }
     if config.proxy.is_some() {
         // The front door's cache, so the next start can resume these
         // sessions (a resumed session replays no READY or GUILD_CREATE).
@@ -735,6 +771,64 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                     store.path().display()
                 ),
             })
+        }
+    }
+}
+
+/// With `[proxy]` on: save the front door's cache every `every` while it
+/// changes (a new session, or dispatches that changed it), so a crash, not
+/// only a clean stop, resumes the shards.
+async fn snapshot_loop(
+    hub: Arc<Hub>,
+    file: std::path::PathBuf,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Vec::new();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let ids: std::collections::BTreeMap<u32, String> = hub
+            .owned()
+            .filter_map(|s| Some((s.shard, s.session().session_id?)))
+            .collect();
+        let now: Vec<(u32, String, u64)> = ids
+            .iter()
+            .filter_map(|(shard, id)| {
+                let seq = hub.shard(*shard)?.cache_seq.load(Ordering::Relaxed);
+                Some((*shard, id.clone(), seq))
+            })
+            .collect();
+        if now == last || ids.is_empty() {
+            continue;
+        }
+        let (writer_hub, writer_file) = (hub.clone(), file.clone());
+        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
+            crate::frontdoor::snapshot::save(&writer_hub, &ids, &writer_file)
+        })
+        .await;
+        match saved {
+            Some(Ok(())) => {
+                if failing {
+                    tracing::info!(event = %"snapshot_saved", path = %file.display(), "front door cache saved again");
+                }
+                failing = false;
+                last = now;
+            }
+            Some(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "cannot save the front door cache ({e}); a crash now costs one IDENTIFY per shard. Fix [state] dir (permissions, free space)");
+            }
+            None if !failing => {
+                failing = true;
+                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "saving the front door cache timed out; a crash now costs one IDENTIFY per shard");
+            }
+            _ => {}
         }
     }
 }
