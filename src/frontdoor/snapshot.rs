@@ -22,7 +22,13 @@ use serde_json::value::RawValue;
 
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
 use crate::hub::Hub;
+use crate::shard::ResumeState;
 
 /// The file, beside `state.json`.
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -238,6 +244,119 @@ impl Snapshot {
             applied += 1;
         }
         applied
+    }
+}
+
+/// How often, with `[proxy]` on, the cache is saved while it changes:
+/// after a crash the shards resume from at most this far back.
+pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// With `[proxy]` on, the front door's cache as last saved; without it, a
+/// snapshot left by an earlier run is stale once this one has gone by, and
+/// is removed.
+pub async fn load_at_start(proxy: bool, file: &std::path::Path) -> Option<Snapshot> {
+    let file = file.to_path_buf();
+    if !proxy {
+        crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
+            let _ = std::fs::remove_file(file);
+        })
+        .await;
+        return None;
+    }
+    match crate::state::off_thread(crate::state::IO_TIMEOUT, move || load(&file)).await {
+        Some(Ok(snapshot)) => snapshot,
+        Some(Err(e)) => {
+            tracing::warn!(event = %"state_ignored", "front door cache: {e}; shards identify to refill it");
+            None
+        }
+        None => {
+            tracing::warn!(event = %"state_ignored", "front door cache: reading it timed out; shards identify to refill it");
+            None
+        }
+    }
+}
+
+/// The front door's cache of the sessions being saved, so the next start
+/// resumes them (a resumed session replays no READY or GUILD_CREATE).
+pub async fn save_at_shutdown(
+    hub: &Arc<Hub>,
+    sessions: &[(u32, ResumeState)],
+    file: &std::path::Path,
+) {
+    let ids: std::collections::BTreeMap<u32, String> = sessions
+        .iter()
+        .map(|(shard, resume)| (*shard, resume.session_id.clone()))
+        .collect();
+    let (hub, path) = (hub.clone(), file.to_path_buf());
+    let saved =
+        crate::state::off_thread(Duration::from_secs(60), move || save(&hub, &ids, &path)).await;
+    let fallback = "the next start uses the last periodic save (resuming from its seq) if it has these sessions, else identifies their shards";
+    match saved {
+        Some(Ok(())) => {
+            tracing::info!(path = %file.display(), "front door cache saved for the next start")
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "cannot save the front door cache: {fallback}")
+        }
+        None => tracing::warn!("saving the front door cache timed out: {fallback}"),
+    }
+}
+
+/// With `[proxy]` on: save the front door's cache every `every` while it
+/// changes (a new session, or dispatches that changed it), so a crash, not
+/// only a clean stop, resumes the shards.
+pub async fn save_every(
+    hub: Arc<Hub>,
+    file: std::path::PathBuf,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Vec::new();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let ids: std::collections::BTreeMap<u32, String> = hub
+            .owned()
+            .filter_map(|s| Some((s.shard, s.session().session_id?)))
+            .collect();
+        let now: Vec<(u32, String, u64)> = ids
+            .iter()
+            .filter_map(|(shard, id)| {
+                let seq = hub.shard(*shard)?.cache_seq.load(Ordering::Relaxed);
+                Some((*shard, id.clone(), seq))
+            })
+            .collect();
+        if now == last || ids.is_empty() {
+            continue;
+        }
+        let (writer_hub, writer_file) = (hub.clone(), file.clone());
+        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
+            save(&writer_hub, &ids, &writer_file)
+        })
+        .await;
+        match saved {
+            Some(Ok(())) => {
+                if failing {
+                    tracing::info!(event = %"snapshot_saved", path = %file.display(), "front door cache saved again");
+                }
+                failing = false;
+                last = now;
+            }
+            Some(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "cannot save the front door cache ({e}); a crash now costs one IDENTIFY per shard. Fix [state] dir (permissions, free space)");
+            }
+            None if !failing => {
+                failing = true;
+                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "saving the front door cache timed out; a crash now costs one IDENTIFY per shard");
+            }
+            _ => {}
+        }
     }
 }
 

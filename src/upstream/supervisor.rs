@@ -73,13 +73,9 @@ pub struct DaemonOptions {
     /// Applies a new log level (from the logging set-up in `main`).
     pub reload_log_level: Option<Box<SetLogLevel>>,
     /// How often the front door's cache is saved while it changes
-    /// (default [`SNAPSHOT_EVERY`]; tests shorten it).
+    /// (default `frontdoor::snapshot::SAVE_EVERY`; tests shorten it).
     pub snapshot_every: Option<Duration>,
 }
-
-/// How often, with `[proxy]` on, the front door's cache is saved while it
-/// changes: after a crash the shards resume from at most this far back.
-pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 
 /// Run the daemon until shutdown. `Ok` after a clean shutdown.
 pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonError> {
@@ -211,36 +207,8 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     // With [proxy] on, the front door's cache as last saved (every few
     // seconds while it changes, and at a clean stop).
     let snapshot_file = crate::frontdoor::snapshot::path(&config.state.dir);
-    let snapshot = match &config.proxy {
-        None => {
-            // A snapshot from a run with [proxy] on is stale once a run
-            // without it has gone by: never restore it later.
-            let file = snapshot_file.clone();
-            crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
-                let _ = std::fs::remove_file(file);
-            })
-            .await;
-            None
-        }
-        Some(_) => {
-            let file = snapshot_file.clone();
-            match crate::state::off_thread(crate::state::IO_TIMEOUT, move || {
-                crate::frontdoor::snapshot::load(&file)
-            })
-            .await
-            {
-                Some(Ok(snapshot)) => snapshot,
-                Some(Err(e)) => {
-                    tracing::warn!(event = %"state_ignored", "front door cache: {e}; shards identify to refill it");
-                    None
-                }
-                None => {
-                    tracing::warn!(event = %"state_ignored", "front door cache: reading it timed out; shards identify to refill it");
-                    None
-                }
-            }
-        }
-    };
+    let snapshot =
+        crate::frontdoor::snapshot::load_at_start(config.proxy.is_some(), &snapshot_file).await;
     // Persisted sessions: fresh ones are resumed, stale ones dropped.
     let no_cache = std::collections::BTreeMap::new();
     let restored = Restored::from_saved(
@@ -439,10 +407,12 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                 "front door cache restored; those shards resume"
             );
         }
-        snapshot_task = Some(tokio::spawn(snapshot_loop(
+        snapshot_task = Some(tokio::spawn(crate::frontdoor::snapshot::save_every(
             hub.clone(),
             snapshot_file.clone(),
-            options.snapshot_every.unwrap_or(SNAPSHOT_EVERY),
+            options
+                .snapshot_every
+                .unwrap_or(crate::frontdoor::snapshot::SAVE_EVERY),
             shutdown_rx.clone(),
         )));
     }
@@ -688,7 +658,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     }
     // The persister stops on the shutdown signal; wait so its last write
     // cannot land after (and over) the final one.
-    let mut persister = match persister.await {
+    let persister = match persister.await {
         Ok(persister) => persister,
         Err(e) => {
             return Err(DaemonError {
@@ -718,31 +688,19 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
     if let Some(task) = snapshot_task {
         // Its last periodic write must not land after the final one.
         let _ = task.await;
+        crate::frontdoor::snapshot::save_at_shutdown(&hub, &sessions, &snapshot_file).await;
     }
-    if config.proxy.is_some() {
-        // The front door's cache, so the next start can resume these
-        // sessions (a resumed session replays no READY or GUILD_CREATE).
-        let ids: std::collections::BTreeMap<u32, String> = sessions
-            .iter()
-            .map(|(shard, resume)| (*shard, resume.session_id.clone()))
-            .collect();
-        let (hub, file) = (hub.clone(), snapshot_file.clone());
-        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
-            crate::frontdoor::snapshot::save(&hub, &ids, &file)
-        })
-        .await;
-        match saved {
-            Some(Ok(())) => {
-                tracing::info!(path = %snapshot_file.display(), "front door cache saved for the next start")
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "cannot save the front door cache: the next start identifies its shards")
-            }
-            None => tracing::warn!(
-                "saving the front door cache timed out: the next start identifies its shards"
-            ),
-        }
-    }
+    save_state_at_shutdown(persister, sessions, &store, config.state.resume_window).await
+}
+
+/// The final state write: the sessions the next start resumes. A failure
+/// exits 1 and says which earlier state the next start will use.
+async fn save_state_at_shutdown(
+    mut persister: Persister,
+    sessions: Vec<(u32, ResumeState)>,
+    store: &StateStore,
+    resume_window: Duration,
+) -> Result<(), DaemonError> {
     match persister.finish(sessions).await {
         Ok(state) => {
             tracing::info!(
@@ -760,7 +718,7 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                     "the next start uses the state written at {} ({} sessions, resumed if still within [state] resume_window = {} s; Discord then replays what came after it)",
                     crate::clock::rfc3339_millis(last.saved_at_ms),
                     last.sessions.len(),
-                    config.state.resume_window.as_secs()
+                    resume_window.as_secs()
                 ),
                 None => "no state was written in this run".to_string(),
             };
@@ -771,64 +729,6 @@ pub async fn run(config: Config, options: DaemonOptions) -> Result<(), DaemonErr
                     store.path().display()
                 ),
             })
-        }
-    }
-}
-
-/// With `[proxy]` on: save the front door's cache every `every` while it
-/// changes (a new session, or dispatches that changed it), so a crash, not
-/// only a clean stop, resumes the shards.
-async fn snapshot_loop(
-    hub: Arc<Hub>,
-    file: std::path::PathBuf,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Vec::new();
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-        let ids: std::collections::BTreeMap<u32, String> = hub
-            .owned()
-            .filter_map(|s| Some((s.shard, s.session().session_id?)))
-            .collect();
-        let now: Vec<(u32, String, u64)> = ids
-            .iter()
-            .filter_map(|(shard, id)| {
-                let seq = hub.shard(*shard)?.cache_seq.load(Ordering::Relaxed);
-                Some((*shard, id.clone(), seq))
-            })
-            .collect();
-        if now == last || ids.is_empty() {
-            continue;
-        }
-        let (writer_hub, writer_file) = (hub.clone(), file.clone());
-        let saved = crate::state::off_thread(Duration::from_secs(60), move || {
-            crate::frontdoor::snapshot::save(&writer_hub, &ids, &writer_file)
-        })
-        .await;
-        match saved {
-            Some(Ok(())) => {
-                if failing {
-                    tracing::info!(event = %"snapshot_saved", path = %file.display(), "front door cache saved again");
-                }
-                failing = false;
-                last = now;
-            }
-            Some(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "cannot save the front door cache ({e}); a crash now costs one IDENTIFY per shard. Fix [state] dir (permissions, free space)");
-            }
-            None if !failing => {
-                failing = true;
-                tracing::warn!(event = %"snapshot_failed", path = %file.display(), "saving the front door cache timed out; a crash now costs one IDENTIFY per shard");
-            }
-            _ => {}
         }
     }
 }
