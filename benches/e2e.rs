@@ -42,16 +42,8 @@ use common::{
 };
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let want = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let want = common::wanted_parts();
+    let rt = common::runtime();
     rt.block_on(async {
         let total = env_count("BENCH_BLAST", 100_000) as u32;
         if want("blast") || want("replay") {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use shardwarden::simulator::{SimConfig, Simulator};
 
+use common::daemon::free_port;
 use common::{env_count, result};
 
 const TOKEN: &str = "bench-token-0000";
@@ -26,13 +27,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 fn redis(port: u16) -> Option<Proc> {
@@ -131,11 +125,7 @@ fn main() {
         return;
     };
     let shards = env_count("BENCH_FAILOVER_SHARDS", 64) as u32;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let sim = Simulator::start(SimConfig {
             token: TOKEN.to_string(),

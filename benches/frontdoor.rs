@@ -26,16 +26,8 @@ use common::daemon::{Bot, Daemon, TOKEN, contains, free_port, simulator};
 use common::{EVENT_SIZE, env_count, proc_cpu_us, result};
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let want = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let want = common::wanted_parts();
+    let rt = common::runtime();
     rt.block_on(async {
         if want("fanout") {
             let n = env_count("BENCH_FRONTDOOR", 20_000) as u32;

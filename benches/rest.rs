@@ -59,11 +59,7 @@ fn main() {
     let rate = env_count("BENCH_REST_RATE", 1000).max(1);
     let measured = rate * env_count("BENCH_REST_SECS", 10);
     let warmup = rate * env_count("BENCH_REST_WARMUP", 3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let sim = simulator(1, |c| {
             c.guilds_per_shard = GUILDS;

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::daemon::*;
+use common::servers::{free_port, http_get};
 use serde_json::{Value, json};
 use shardwarden::simulator::{Fault, SimConfig, Simulator};
 use tokio::io::AsyncWriteExt;
@@ -675,27 +676,6 @@ fn check_config_accepts_own_member_updates_and_names_what_only_shard_zero_gets()
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("shard 0"), "{text}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).expect("read");
-    body
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {

@@ -2,11 +2,14 @@
 //! simulator, a raw WebSocket client speaking the gateway protocol to the
 //! front door over real sockets, and plain HTTP for the REST side.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::servers::free_port;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use shardwarden::compression::{Compression, Inflater};
@@ -50,11 +53,6 @@ impl Drop for Daemon {
             task.abort();
         }
     }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 async fn simulator(shards: u32) -> Simulator {

@@ -11,15 +11,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::daemon::*;
+use common::servers::{free_port, http_get};
 use serde_json::{Value, json};
 use shardwarden::simulator::{RestFailure, world};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
 
 /// One request through the front door; the status it answered.
 async fn call(addr: SocketAddr, method: &str, path: &str) -> u16 {
@@ -53,24 +49,11 @@ async fn next_incident(bot: &mut Bot) -> Value {
     bot.next_op("incident").await
 }
 
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read");
-    text
-}
-
 /// The metrics once they contain `line` (they are exported now and then).
 async fn metrics_show(port: u16, line: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let text = metrics(port);
+        let text = http_get(port, "/metrics");
         if text.contains(line) {
             return text;
         }

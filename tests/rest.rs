@@ -3,10 +3,13 @@
 //! sending through the front door, the simulator recording what reached
 //! "Discord".
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::servers::free_port;
 use serde_json::{Value, json};
 use shardwarden::config::{Config, Token};
 use shardwarden::simulator::{
@@ -32,11 +35,6 @@ impl Drop for Daemon {
         let _ = self.shutdown.send(true);
         self.task.abort();
     }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 async fn simulator(bucket: (u32, Duration)) -> Simulator {

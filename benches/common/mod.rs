@@ -140,3 +140,22 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 pub mod daemon;
+
+/// The benches' runtime: two workers, like the machine they are measured on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Which named parts of a bench to run: all without arguments, else those
+/// named (`cargo bench --bench e2e -- blast`).
+pub fn wanted_parts() -> impl Fn(&str) -> bool {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    move |part: &str| args.is_empty() || args.iter().any(|a| a == part)
+}

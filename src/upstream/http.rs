@@ -255,49 +255,39 @@ pub fn body_failure(host: &str, error: &(dyn StdError + 'static)) -> Transport {
     ))
 }
 
+/// The error and each of its sources, outermost first.
+fn sources<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(error), |&e| e.source())
+}
+
 /// The error and its sources, each message once.
 fn chain_of(error: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(error);
-    while let Some(e) = next {
-        let text = e.to_string();
+    for text in sources(error).map(|e| e.to_string()) {
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
-        next = e.source();
     }
     parts.join(": ")
 }
 
 /// The hyper error inside a client error, if any.
 fn hyper_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a hyper::Error> {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            return Some(h);
-        }
-        next = e.source();
-    }
-    None
+    sources(error).find_map(|e| e.downcast_ref::<hyper::Error>())
 }
 
-/// Whether rustls refused the connection (certificate, protocol).
+/// Whether rustls refused the connection (certificate, protocol). An
+/// `io::Error` wrapping it does not list it among its sources.
 fn tls_failure(error: &(dyn StdError + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    sources(error).any(|e| {
+        e.downcast_ref::<rustls::Error>().is_some()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.get_ref()
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            })
+    })
 }
 
 /// TLS to Discord: webpki roots, ring (hyper-rustls adds HTTP/1.1 by ALPN).

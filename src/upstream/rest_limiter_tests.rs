@@ -401,3 +401,33 @@ async fn idle_buckets_are_forgotten_but_pending_ones_kept() {
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_401_on_one_webhook_route_locks_nothing_else() {
+    let limiter = Limiter::new(50, 100, Duration::from_secs(10));
+    let deleted = route_key("POST", "/api/v10/webhooks/5/deleted-token");
+    // The front door's handling of a 401: counted as invalid, and its
+    // answer (no rate-limit headers) learned.
+    let mut p = limiter
+        .acquire(&token(), &deleted, false)
+        .await
+        .expect("sent");
+    limiter.count_invalid();
+    limiter.learn(&p, &BucketHeaders::default());
+    limiter.release(&mut p);
+    drop(p);
+    let started = Instant::now();
+    for path in [
+        "/api/v10/webhooks/6/live-token",
+        "/api/v10/channels/1/messages",
+        "/api/v10/webhooks/5/deleted-token",
+    ] {
+        let p = limiter
+            .acquire(&token(), &route_key("POST", path), false)
+            .await
+            .expect("not refused");
+        drop(p);
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO, "nothing waited");
+    assert_eq!(limiter.invalid_count(), 1);
+}

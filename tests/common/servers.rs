@@ -17,6 +17,21 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// One plain `GET` on a loopback port (the metrics endpoint): the whole
+/// answer, head and body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body
+}
+
 /// Whether `binary` is on the PATH (or under /usr/sbin); prints why a test
 /// skips when not, and fails under CI, where `.ci/run` installs it.
 pub fn have(binary: &str) -> Option<PathBuf> {
