@@ -225,8 +225,13 @@ impl ShardStats {
     /// Whether the dispatch `seq` goes into the front door's cache (not a
     /// replay of what a restored cache holds); remembers it as applied.
     pub fn cache_takes(&self, seq: u64) -> bool {
-        self.cache_seq.store(seq, Ordering::Relaxed);
-        seq > self.cache_skip.load(Ordering::Relaxed)
+        // A skipped replay is already held: `cache_seq` stays where the
+        // restored cache put it, never below.
+        let takes = seq > self.cache_skip.load(Ordering::Relaxed);
+        if takes {
+            self.cache_seq.store(seq, Ordering::Relaxed);
+        }
+        takes
     }
 
     /// Fresh statistics for `shard`.

@@ -324,25 +324,28 @@ impl EventLog {
     /// (`gens[shard]`) that a bot has not acknowledged (cursor > `acked`).
     /// A resume from `that - 1` redelivers exactly the unacknowledged events.
     pub fn lowest_unacked_seq(&self, acked: u64, gens: &[(u32, u32)]) -> Vec<(u32, u64)> {
+        // Looked up once per entry, under the lock shards append with: a
+        // map, not a scan of every shard.
+        let gens: std::collections::HashMap<u32, u32> = gens.iter().copied().collect();
+        let mut lowest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         let ring = self.lock();
-        let mut lowest: Vec<(u32, u64)> = Vec::new();
         let oldest = ring
             .entries
             .front()
             .map_or(ring.next_cursor, |entry| entry.cursor);
         let start = acked.saturating_add(1).saturating_sub(oldest) as usize;
         for entry in ring.entries.range(start.min(ring.entries.len())..) {
-            let current = gens.iter().any(|&(shard, generation)| {
-                shard == entry.shard && generation == entry.session_gen
-            });
-            if !current {
+            if gens.get(&entry.shard) != Some(&entry.session_gen) {
                 continue;
             }
-            match lowest.iter_mut().find(|(shard, _)| *shard == entry.shard) {
-                Some((_, seq)) => *seq = (*seq).min(entry.seq),
-                None => lowest.push((entry.shard, entry.seq)),
-            }
+            lowest
+                .entry(entry.shard)
+                .and_modify(|seq| *seq = (*seq).min(entry.seq))
+                .or_insert(entry.seq);
         }
+        drop(ring);
+        let mut lowest: Vec<(u32, u64)> = lowest.into_iter().collect();
+        lowest.sort_unstable();
         lowest
     }
 }

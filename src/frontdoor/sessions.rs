@@ -184,7 +184,6 @@ impl Sessions {
     }
 
     /// Create a session carried by connection `conn`.
-    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         conn: u64,

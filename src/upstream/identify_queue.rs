@@ -310,8 +310,15 @@ impl IdentifyQueue {
 
     /// The bucket `shard` identifies in (`shard % max_concurrency`).
     fn bucket(&self, shard: u32) -> Bucket {
+        self.bucket_at(shard).1
+    }
+
+    /// `shard`'s bucket and its index, read together (a change of
+    /// `max_concurrency` replaces the buckets).
+    fn bucket_at(&self, shard: u32) -> (usize, Bucket) {
         let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
-        buckets[shard as usize % buckets.len()].clone()
+        let index = shard as usize % buckets.len();
+        (index, buckets[index].clone())
     }
 
     /// How long until `shard`'s bucket could next grant a turn, and whether
@@ -338,11 +345,8 @@ impl IdentifyQueue {
     /// instead of spending. The bucket stays taken until the permit is
     /// marked sent; a permit dropped unsent gives its session start back.
     pub async fn acquire(&self, shard: u32) -> IdentifyPermit {
-        let index = {
-            let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
-            shard as usize % buckets.len()
-        };
-        let last = self.bucket(shard).lock_owned().await;
+        let (index, bucket) = self.bucket_at(shard);
+        let last = bucket.lock_owned().await;
         loop {
             if let Some(at) = *last {
                 tokio::time::sleep_until(at + self.interval() + MARGIN).await;

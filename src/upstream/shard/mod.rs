@@ -678,7 +678,7 @@ impl Shard {
         // Commands that never went out are answered, not lost silently.
         for (_, command) in conn.pending.drain(..) {
             let _ = command.reply.send(Err(SendRefusal {
-                code: "shard_unavailable",
+                code: crate::protocol::code::SHARD_UNAVAILABLE,
                 message: format!(
                     "shard {}'s connection ended before the command could be sent; send it again",
                     self.id()

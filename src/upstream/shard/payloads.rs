@@ -52,6 +52,29 @@ impl Shard {
             .await
     }
 
+    /// Write a bot's command now and tell the bot how it went.
+    async fn write_command<S>(
+        &self,
+        sink: &mut S,
+        command: OutboundCommand,
+    ) -> Result<(), Disconnect>
+    where
+        S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        let result = self.write_frame(sink, command.payload).await;
+        let _ = command.reply.send(match &result {
+            Ok(()) => Ok(()),
+            Err(_) => Err(SendRefusal {
+                code: crate::protocol::code::SHARD_UNAVAILABLE,
+                message: format!(
+                    "shard {}'s connection failed while sending; send it again",
+                    self.id()
+                ),
+            }),
+        });
+        result
+    }
+
     pub(super) async fn send_command<S>(
         &self,
         sink: &mut S,
@@ -62,20 +85,7 @@ impl Shard {
         S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
     {
         match conn.limiter.try_acquire_for_bot(Instant::now()) {
-            None => {
-                let result = self.write_frame(sink, command.payload).await;
-                let _ = command.reply.send(match &result {
-                    Ok(()) => Ok(()),
-                    Err(_) => Err(SendRefusal {
-                        code: "shard_unavailable",
-                        message: format!(
-                            "shard {}'s connection failed while sending; send it again",
-                            self.id()
-                        ),
-                    }),
-                });
-                result
-            }
+            None => self.write_command(sink, command).await,
             Some(at) => {
                 conn.pending.push_back((at, command));
                 Ok(())
@@ -93,22 +103,7 @@ impl Shard {
     {
         while let Some((_, command)) = conn.pending.pop_front() {
             match conn.limiter.try_acquire_for_bot(Instant::now()) {
-                None => {
-                    let result = self.write_frame(sink, command.payload).await;
-                    let ok = result.is_ok();
-                    let _ = command.reply.send(if ok {
-                        Ok(())
-                    } else {
-                        Err(SendRefusal {
-                            code: "shard_unavailable",
-                            message: format!(
-                                "shard {}'s connection failed while sending; send it again",
-                                self.id()
-                            ),
-                        })
-                    });
-                    result?;
-                }
+                None => self.write_command(sink, command).await?,
                 Some(at) => {
                     conn.pending.push_front((at, command));
                     break;
@@ -175,7 +170,11 @@ impl Shard {
                 let t = envelope.t.as_deref().unwrap_or("");
                 match t {
                     "READY" => {
-                        self.stats.set_ready(envelope.raw_d().as_bytes());
+                        // Kept for the front door, which rebuilds clients'
+                        // READY from it; nothing else reads it.
+                        if self.hub.frontdoor.get().is_some() {
+                            self.stats.set_ready(envelope.raw_d().as_bytes());
+                        }
                         self.on_ready(conn, envelope.raw_d());
                     }
                     "RESUMED" => {
